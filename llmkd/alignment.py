@@ -156,7 +156,9 @@ def check_vocab(student: nn.Module, teacher: nn.Module, mismatch: str, shared: i
         )
     size = shared if shared is not None else min(v_s, v_t)
     if not 0 < size <= min(v_s, v_t):
-        raise ValueError(f"shared_vocab_size={size} must be in 1..{min(v_s, v_t)} (student {v_s}, teacher {v_t})")
+        raise ValueError(
+            f"shared_vocab_size={size} must be in 1..{min(v_s, v_t)} (student {v_s}, teacher {v_t})"
+        )
     return size
 
 

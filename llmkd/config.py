@@ -38,7 +38,9 @@ def parse_term(spec: dict | Term, index: int = 0) -> Term:
     if isinstance(spec, Term):
         return spec
     if not isinstance(spec, dict):
-        raise ValueError(f"terms[{index}] must be a mapping like {{knowledge: logits, loss: forward_kl}}, got {spec!r}")
+        raise ValueError(
+            f"terms[{index}] must be a mapping like {{knowledge: logits, loss: forward_kl}}, got {spec!r}"
+        )
     where = f"terms[{index}]"
     knowledge = spec.get("knowledge")
     if knowledge not in LOSSES:
@@ -107,7 +109,9 @@ class DistillationConfig(TrainingArguments):
     )
     temperature: float = field(
         default=2.0,
-        metadata={"help": "Softmax temperature T of logit terms (> 0); their value is multiplied by T^2 (Hinton)."},
+        metadata={
+            "help": "Softmax temperature T of logit terms (> 0); their value is multiplied by T^2 (Hinton)."
+        },
     )
     hard_label_weight: float = field(
         default=0.5,
@@ -126,7 +130,9 @@ class DistillationConfig(TrainingArguments):
     )
     shared_vocab_size: int | None = field(
         default=None,
-        metadata={"help": "With vocab_mismatch=slice: the real vocabulary size (default: the smaller of the two)."},
+        metadata={
+            "help": "With vocab_mismatch=slice: the real vocabulary size (default: the smaller of the two)."
+        },
     )
 
     def __post_init__(self):
@@ -134,7 +140,9 @@ class DistillationConfig(TrainingArguments):
         if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}; 1.0 means no softening")
         if not isinstance(self.hard_label_weight, (int, float)) or not 0 <= self.hard_label_weight < math.inf:
-            raise ValueError(f"hard_label_weight must be a finite number >= 0, got {self.hard_label_weight!r}")
+            raise ValueError(
+                f"hard_label_weight must be a finite number >= 0, got {self.hard_label_weight!r}"
+            )
         if self.teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(f"teacher_dtype must be one of {TEACHER_DTYPES}, got {self.teacher_dtype!r}")
         if self.vocab_mismatch not in VOCAB_MISMATCH:
@@ -153,7 +161,13 @@ class DistillationConfig(TrainingArguments):
         # Terms are frozen dataclasses; keep the serialised TrainingArguments JSON-friendly.
         d = super().to_dict()
         d["terms"] = [
-            {"knowledge": t.knowledge, "loss": t.loss, "weight": t.weight, "layer_map": t.layer_map, **t.params}
+            {
+                "knowledge": t.knowledge,
+                "loss": t.loss,
+                "weight": t.weight,
+                "layer_map": t.layer_map,
+                **t.params,
+            }
             for t in self.terms
         ]
         return d

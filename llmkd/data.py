@@ -33,7 +33,9 @@ def load_raw(train_file=None, validation_file=None, dataset_name=None, dataset_c
     return load_dataset(FORMATS[suffix], data_files=files, **kwargs)
 
 
-def tokenize(dataset: Dataset, tokenizer, task: str, text_columns, label_column="label", max_length=128) -> Dataset:
+def tokenize(
+    dataset: Dataset, tokenizer, task: str, text_columns, label_column="label", max_length=128
+) -> Dataset:
     """Token ids (+ labels for classifiers). Causal LMs get their labels from the collator."""
     text_columns = [text_columns] if isinstance(text_columns, str) else list(text_columns)
     needed = text_columns + ([label_column] if task != CAUSAL_LM and label_column else [])

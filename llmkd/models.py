@@ -32,7 +32,9 @@ def detect_task(name_or_path: str, revision: str | None = None, trust_remote_cod
 def load_model(name_or_path: str, task: str, **kwargs) -> nn.Module:
     """`AutoModelFor<task>.from_pretrained`, with trust_remote_code off unless asked for."""
     kwargs.setdefault("trust_remote_code", False)
-    return AUTO_CLASSES[task].from_pretrained(name_or_path, **{k: v for k, v in kwargs.items() if v is not None})
+    return AUTO_CLASSES[task].from_pretrained(
+        name_or_path, **{k: v for k, v in kwargs.items() if v is not None}
+    )
 
 
 def select_layers(spec, n_teacher: int) -> list[int]:
@@ -40,10 +42,15 @@ def select_layers(spec, n_teacher: int) -> list[int]:
     if isinstance(spec, str):
         how, _, k = spec.partition(":")
         if how not in ("every", "first", "last") or not k.isdigit() or int(k) < 1:
-            raise ValueError(f"student_layers={spec!r}: use a list like [0, 2, 4] or 'every:K', 'first:N', 'last:N'")
+            raise ValueError(
+                f"student_layers={spec!r}: use a list like [0, 2, 4] or 'every:K', 'first:N', 'last:N'"
+            )
         k = int(k)
-        layers = {"every": list(range(0, n_teacher, k)), "first": list(range(min(k, n_teacher))),
-                  "last": list(range(max(n_teacher - k, 0), n_teacher))}[how]
+        layers = {
+            "every": list(range(0, n_teacher, k)),
+            "first": list(range(min(k, n_teacher))),
+            "last": list(range(max(n_teacher - k, 0), n_teacher)),
+        }[how]
     else:
         layers = list(spec)
     bad = [i for i in layers if not isinstance(i, int) or not 0 <= i < n_teacher]
@@ -70,11 +77,15 @@ def student_from_teacher(teacher: nn.Module, layers) -> nn.Module:
         if match is None:
             state[name] = tensor.clone()
         elif match.group(2) in renumber:
-            state[LAYER_KEY.sub(lambda m: f"{m.group(1)}{renumber[m.group(2)]}{m.group(3)}", name, 1)] = tensor.clone()
+            state[LAYER_KEY.sub(lambda m: f"{m.group(1)}{renumber[m.group(2)]}{m.group(3)}", name, 1)] = (
+                tensor.clone()
+            )
     missing, unexpected = student.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in _tied_keys(student)]
     if missing or unexpected:
-        raise RuntimeError(f"layer copy left missing={missing} unexpected={unexpected}; unsupported architecture")
+        raise RuntimeError(
+            f"layer copy left missing={missing} unexpected={unexpected}; unsupported architecture"
+        )
     return student
 
 

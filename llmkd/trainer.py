@@ -70,11 +70,15 @@ class DistillationTrainer(Trainer):
         A.check_not_shared(student, teacher)
         self.task = A.task_of(student)
         if A.task_of(teacher) != self.task:
-            raise ValueError(f"the student is a {self.task} model but the teacher a {A.task_of(teacher)} model")
+            raise ValueError(
+                f"the student is a {self.task} model but the teacher a {A.task_of(teacher)} model"
+            )
         config = A.text_config(student)
         self.regression = self.task == A.SEQ_CLS and config.num_labels == 1
         if getattr(config, "problem_type", None) == "multi_label_classification":
-            raise ValueError("multi-label classification is not supported yet; use single-label or regression")
+            raise ValueError(
+                "multi-label classification is not supported yet; use single-label or regression"
+            )
         knowledge = {t.knowledge for t in self.terms}
         self.vocab_rows = None
         if "logits" in knowledge or args.hard_label_weight > 0:
@@ -100,18 +104,24 @@ class DistillationTrainer(Trainer):
     def _check_datasets(self, args, train_dataset, eval_dataset) -> None:
         for split, data in (("train", train_dataset), ("eval", eval_dataset)):
             if data is not None and hasattr(data, "__len__") and len(data) == 0:
-                raise ValueError(f"the {split} dataset is empty; check the data files and any max_samples setting")
-        columns = getattr(train_dataset, "column_names", None)
-        if args.hard_label_weight > 0 and columns is not None and not {"label", "labels"} & set(columns):
-            if self.task == A.SEQ_CLS:
                 raise ValueError(
-                    f"hard_label_weight={args.hard_label_weight} needs a 'label' column, but the training data "
-                    f"has only {columns}; add labels or set hard_label_weight=0 to distil from the teacher alone"
+                    f"the {split} dataset is empty; check the data files and any max_samples setting"
                 )
+        columns = getattr(train_dataset, "column_names", None)
+        unlabelled = columns is not None and not {"label", "labels"} & set(columns)
+        if (
+            args.hard_label_weight > 0 and unlabelled and self.task == A.SEQ_CLS
+        ):  # causal LMs label themselves
+            raise ValueError(
+                f"hard_label_weight={args.hard_label_weight} needs a 'label' column, but the training data "
+                f"has only {columns}; add labels or set hard_label_weight=0 to distil from the teacher alone"
+            )
 
     def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            raise ValueError("DeepSpeed/FSDP teacher placement is not supported yet; use DDP (accelerate --multi_gpu)")
+            raise ValueError(
+                "DeepSpeed/FSDP teacher placement is not supported yet; use DDP (accelerate --multi_gpu)"
+            )
         teacher.requires_grad_(False)
         teacher.eval()
         dtype = DTYPES.get(self.args.teacher_dtype)
@@ -170,8 +180,11 @@ class DistillationTrainer(Trainer):
         mask = batch.get("attention_mask")
         tokens = mask.sum() if mask is not None else ids.numel()
         return torch.stack(
-            [torch.tensor(ids.shape[0], device=ids.device), torch.as_tensor(tokens, device=ids.device),
-             self._target_mask(batch).sum()]
+            [
+                torch.tensor(ids.shape[0], device=ids.device),
+                torch.as_tensor(tokens, device=ids.device),
+                self._target_mask(batch).sum(),
+            ]
         ).float()
 
     def _get_num_items_in_batch(self, batch_samples, device):
@@ -231,8 +244,11 @@ class DistillationTrainer(Trainer):
         if term.knowledge == "relation":
             causal = self.task == A.CAUSAL_LM
             per = sum(
-                fn(A.pool(student_out.hidden_states[s], attention_mask, causal),
-                   A.pool(teacher_out.hidden_states[t], attention_mask, causal), **term.params)
+                fn(
+                    A.pool(student_out.hidden_states[s], attention_mask, causal),
+                    A.pool(teacher_out.hidden_states[t], attention_mask, causal),
+                    **term.params,
+                )
                 for s, t in pairs
             ) / len(pairs)
             # A relation loss is one number per batch: weight it by the batch's share of the window.
@@ -251,7 +267,11 @@ class DistillationTrainer(Trainer):
         if self.task == A.SEQ_CLS:
             if self.regression:  # a regression "logit" is a score: match it directly
                 return (student_logits.float() - teacher_logits.float()).pow(2).mean(-1), None, "targets"
-            return fn(student_logits, teacher_logits, temperature=self.args.temperature, **term.params), None, "targets"
+            return (
+                fn(student_logits, teacher_logits, temperature=self.args.temperature, **term.params),
+                None,
+                "targets",
+            )
         s, t = student_logits[:, :-1], teacher_logits[:, :-1]  # the causal shift: targets are tokens 1..T
         if self.vocab_rows is not None:  # padded vocabularies: softmax over the shared rows only
             s, t = s[..., : self.vocab_rows], t[..., : self.vocab_rows]
@@ -326,7 +346,9 @@ class DistillationTrainer(Trainer):
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
         if len(self.projectors) and self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
             path = os.path.join(folder, PROJECTORS_FILE)
             state = {k: v.detach().cpu().contiguous() for k, v in self.projectors.state_dict().items()}
             save_file(state, path + ".tmp")
@@ -338,7 +360,9 @@ class DistillationTrainer(Trainer):
             return
         path = os.path.join(resume_from_checkpoint, PROJECTORS_FILE)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} is missing: this checkpoint has no projector weights to resume from")
+            raise FileNotFoundError(
+                f"{path} is missing: this checkpoint has no projector weights to resume from"
+            )
         self.projectors.load_state_dict(load_file(path, device=str(self.args.device)))
 
 

@@ -34,33 +34,61 @@ def make_tokenizer(kind: str = "bert") -> PreTrainedTokenizerFast:
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     if kind == "bert":
         backend.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
             special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
         )
-        specials = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
-                    "model_input_names": ["input_ids", "token_type_ids", "attention_mask"]}
+        specials = {
+            "pad_token": "[PAD]",
+            "unk_token": "[UNK]",
+            "cls_token": "[CLS]",
+            "sep_token": "[SEP]",
+            "model_input_names": ["input_ids", "token_type_ids", "attention_mask"],
+        }
     else:
         backend.post_processor = processors.TemplateProcessing(
             single="<s> $A", special_tokens=[("<s>", vocab["<s>"])]
         )
-        specials = {"pad_token": "[PAD]", "unk_token": "[UNK]", "bos_token": "<s>", "eos_token": "</s>",
-                    "model_input_names": ["input_ids", "attention_mask"]}
+        specials = {
+            "pad_token": "[PAD]",
+            "unk_token": "[UNK]",
+            "bos_token": "<s>",
+            "eos_token": "</s>",
+            "model_input_names": ["input_ids", "attention_mask"],
+        }
     return PreTrainedTokenizerFast(tokenizer_object=backend, **specials)
 
 
 def bert_config(layers=4, hidden=32, heads=4, **kw) -> BertConfig:
+    kw.setdefault("num_labels", 2)
     return BertConfig(
-        vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        intermediate_size=2 * hidden, max_position_embeddings=64, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, num_labels=2, pad_token_id=0, **kw,
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        pad_token_id=0,
+        **kw,
     )
 
 
 def llama_config(layers=4, hidden=32, heads=4, **kw) -> LlamaConfig:
+    kw.setdefault("vocab_size", VOCAB)
     return LlamaConfig(
-        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
-        bos_token_id=4, eos_token_id=5, tie_word_embeddings=False, **kw,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=4,
+        eos_token_id=5,
+        tie_word_embeddings=False,
+        **kw,
     )
 
 
@@ -100,8 +128,14 @@ def classification_dataset(n: int = 16, seed: int = 0) -> Dataset:
     tok = make_tokenizer("bert")
     labels = [int(t.count("w1") % 2 == 0) for t in texts]
     enc = tok(texts, truncation=True, max_length=32)
-    return Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-                              "token_type_ids": enc["token_type_ids"], "label": labels})
+    return Dataset.from_dict(
+        {
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "token_type_ids": enc["token_type_ids"],
+            "label": labels,
+        }
+    )
 
 
 def lm_dataset(n: int = 16, seed: int = 0) -> Dataset:

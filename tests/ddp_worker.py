@@ -28,18 +28,34 @@ def train_and_dump(out_dir: str, per_device_batch: int, accumulation: int) -> Di
     student = seeded(LlamaForCausalLM, llama_config(layers=2, hidden=16), 1)
     tok = make_tokenizer("llama")
     args = DistillationConfig(
-        output_dir=out_dir, per_device_train_batch_size=per_device_batch, gradient_accumulation_steps=accumulation,
-        max_steps=2, learning_rate=1e-2, save_strategy="no", report_to="none", seed=0, disable_tqdm=True,
-        use_cpu=True, terms=TERMS, hard_label_weight=0.5, logging_steps=1,
+        output_dir=out_dir,
+        per_device_train_batch_size=per_device_batch,
+        gradient_accumulation_steps=accumulation,
+        max_steps=2,
+        learning_rate=1e-2,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        disable_tqdm=True,
+        use_cpu=True,
+        terms=TERMS,
+        hard_label_weight=0.5,
+        logging_steps=1,
     )
     trainer = DistillationTrainer(
-        model=student, teacher=teacher, args=args, train_dataset=lm_dataset(8, seed=3),
-        data_collator=DataCollatorForLanguageModeling(tok, mlm=False), processing_class=tok,
+        model=student,
+        teacher=teacher,
+        args=args,
+        train_dataset=lm_dataset(8, seed=3),
+        data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+        processing_class=tok,
     )
     trainer.train()
     if trainer.is_world_process_zero():
         os.makedirs(out_dir, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in student.state_dict().items()}, f"{out_dir}/student.safetensors")
+        save_file(
+            {k: v.contiguous() for k, v in student.state_dict().items()}, f"{out_dir}/student.safetensors"
+        )
         save_file(dict(trainer.projectors.state_dict()), f"{out_dir}/projectors.safetensors")
         with open(f"{out_dir}/world_size.txt", "w") as handle:
             handle.write(str(trainer.args.world_size))

@@ -32,9 +32,20 @@ def one_step_update(pair, batch, accumulation, tmp_path, trainer_cls=Distillatio
     teacher, student = (copy.deepcopy(m) for m in pair)
     start = copy.deepcopy(student.state_dict())
     trainer = make_trainer(
-        teacher, student, "lm", tmp_path, [*TERMS["logits"], *TERMS["hidden"]], train=lm_dataset(8, seed=5),
-        per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation, max_steps=1,
-        optim="sgd", learning_rate=0.5, max_grad_norm=0.0, hard_label_weight=0.5, trainer_cls=trainer_cls,
+        teacher,
+        student,
+        "lm",
+        tmp_path,
+        [*TERMS["logits"], *TERMS["hidden"]],
+        train=lm_dataset(8, seed=5),
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        optim="sgd",
+        learning_rate=0.5,
+        max_grad_norm=0.0,
+        hard_label_weight=0.5,
+        trainer_cls=trainer_cls,
     )
     trainer.train()
     return {k: v - start[k] for k, v in student.state_dict().items()}
@@ -61,7 +72,9 @@ def test_resume_reproduces_the_uninterrupted_run(bert_pair, tmp_path):
     full = make_trainer(teacher, student, "cls", tmp_path / "full", TERMS["tinybert"], **settings)
     full.train()
     assert len(full.projectors) == 1  # widths 16 vs 32: the hidden term trains a projector
-    resumed = make_trainer(teacher_copy, student_copy, "cls", tmp_path / "resumed", TERMS["tinybert"], **settings)
+    resumed = make_trainer(
+        teacher_copy, student_copy, "cls", tmp_path / "resumed", TERMS["tinybert"], **settings
+    )
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "out" / "checkpoint-2"))
     for name, tensor in student.state_dict().items():
         torch.testing.assert_close(student_copy.state_dict()[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
@@ -72,8 +85,15 @@ def test_resume_reproduces_the_uninterrupted_run(bert_pair, tmp_path):
     assert [round(h["loss"], 5) for h in late] == [round(h["loss"], 5) for h in late_resumed]
     # control: without the projector file the resume is refused rather than silently re-initialised
     os.remove(tmp_path / "full" / "out" / "checkpoint-2" / "llmkd_projectors.safetensors")
-    again = make_trainer(copy.deepcopy(teacher_copy), copy.deepcopy(student_copy), "cls", tmp_path / "again",
-                         TERMS["tinybert"], train=classification_dataset(), **settings)
+    again = make_trainer(
+        copy.deepcopy(teacher_copy),
+        copy.deepcopy(student_copy),
+        "cls",
+        tmp_path / "again",
+        TERMS["tinybert"],
+        train=classification_dataset(),
+        **settings,
+    )
     with pytest.raises(FileNotFoundError, match="projector"):
         again.train(resume_from_checkpoint=str(tmp_path / "full" / "out" / "checkpoint-2"))
 
@@ -83,8 +103,16 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     single = tmp_path / "single"
     train_and_dump(str(single), per_device_batch=4, accumulation=2)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(ROOT, "tests", "ddp_worker.py"), str(tmp_path / "ddp")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        os.path.join(ROOT, "tests", "ddp_worker.py"),
+        str(tmp_path / "ddp"),
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "ddp" / "world_size.txt").read_text() == "2"  # two processes really ran

@@ -1,0 +1,108 @@
+"""The command line: YAML recipes, flag precedence, and a tiny end-to-end run (recipe smoke tier)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import BertForSequenceClassification, bert_config, make_tokenizer, seeded, sentences
+from transformers import AutoModelForSequenceClassification
+
+from llmkd.cli import load_config, main, parse_overrides
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path):
+    """A saved tiny BERT teacher, jsonl data and a YAML recipe that distils it into 2 of its layers."""
+    teacher_dir = tmp_path / "teacher"
+    seeded(BertForSequenceClassification, bert_config(), 0).save_pretrained(teacher_dir)
+    make_tokenizer("bert").save_pretrained(teacher_dir)
+    for split, n in (("train", 24), ("validation", 8)):
+        rows = [{"sentence": s, "label": i % 2} for i, s in enumerate(sentences(n, seed=len(split)))]
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    recipe = {
+        "teacher": str(teacher_dir),
+        "student_layers": [0, 2],
+        "train_file": str(tmp_path / "train.jsonl"),
+        "validation_file": str(tmp_path / "validation.jsonl"),
+        "text_columns": ["sentence"],
+        "max_length": 32,
+        "output_dir": str(tmp_path / "out"),
+        "max_steps": 3,
+        "learning_rate": 1e-3,
+        "per_device_train_batch_size": 4,
+        "report_to": "none",
+        "use_cpu": True,
+        "temperature": 2.0,
+        "terms": [{"knowledge": "logits", "loss": "forward_kl"}, {"knowledge": "hidden", "loss": "cosine"}],
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_overrides_are_typed():
+    assert parse_overrides(
+        ["--learning_rate", "1e-4", "--max_steps=7", "--bf16", "--terms", "[{knowledge: logits, loss: tvd}]"]
+    ) == {
+        "learning_rate": 1e-4,
+        "max_steps": 7,
+        "bf16": True,
+        "terms": [{"knowledge": "logits", "loss": "tvd"}],
+    }
+    with pytest.raises(ValueError, match="unexpected argument 'stray'"):
+        parse_overrides(["stray"])
+
+
+def test_precedence_defaults_then_yaml_then_flags(tiny_recipe):
+    run, args = load_config(str(tiny_recipe), [])
+    assert args.temperature == 2.0 and args.max_steps == 3  # from the YAML
+    assert args.hard_label_weight == 0.5  # the dataclass default
+    run, args = load_config(str(tiny_recipe), ["--temperature", "4", "--student_layers", "[1, 3]"])
+    assert args.temperature == 4.0 and run.student_layers == [1, 3]  # flags win
+
+
+def test_unknown_keys_get_a_suggestion(tiny_recipe):
+    with pytest.raises(ValueError, match=r"temprature \(did you mean temperature\?\)"):
+        load_config(str(tiny_recipe), ["--temprature", "3"])
+    with pytest.raises(ValueError, match="exactly one of student, student_layers, student_config"):
+        load_config(str(tiny_recipe), ["--student", "somewhere"])
+
+
+def test_distill_end_to_end_writes_a_plain_student_and_a_report(tiny_recipe, tmp_path, capsys):
+    assert main(["distill", str(tiny_recipe)]) == 0
+    out = tmp_path / "out"
+    student, info = AutoModelForSequenceClassification.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert student.config.num_hidden_layers == 2
+    report = json.loads((out / "llmkd_report.json").read_text())
+    assert 0.0 <= report["eval"]["eval_agreement"] <= 1.0
+    assert report["student"]["layers"] == 2 and report["teacher_size"]["layers"] == 4
+    assert (out / "tokenizer.json").is_file()
+
+
+def test_errors_are_reported_without_a_traceback(tiny_recipe, capsys):
+    assert main(["distill", str(tiny_recipe), "--temperature", "0"]) == 2
+    assert "llmkd: error: temperature must be > 0, got 0" in capsys.readouterr().err
+
+
+def test_recipe_script_runs_under_python(tiny_recipe, tmp_path):
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "recipes", "distill.py"),
+        str(tiny_recipe),
+        "--max_steps",
+        "1",
+        "--output_dir",
+        str(tmp_path / "script_out"),
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "script_out" / "model.safetensors").is_file()
