@@ -1,9 +1,8 @@
-# llmkd — every target does its own set-up: a fresh clone needs only `make demo` or `make test`.
+# llmkd — every target does its own set-up: on a fresh clone `make demo` and `make test` are all you need.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
@@ -12,16 +11,17 @@ export HF_HUB_OFFLINE ?= 1
 install: $(STAMP)
 
 # Torch is pinned through a constraints file so that no later install can swap the CPU build for a
-# multi-GB CUDA one. A torch already importable by $(PYTHON) is reused (the venv sees system packages).
+# multi-GB CUDA one; a torch that $(PYTHON) already has is reused (scripts/install.sh).
 $(STAMP): pyproject.toml scripts/install.sh
 	bash scripts/install.sh $(PYTHON) $(VENV)
 	touch $(STAMP)
 
+# Tests run single-threaded (OMP_NUM_THREADS=1) so that their timing does not depend on the machine.
 test: install
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 test-slow: install
-	$(PY) -m pytest -q -m slow
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m slow
 
 demo: install
 	$(PY) -m llmkd.cli demo
@@ -35,7 +35,7 @@ style: install
 	$(VENV)/bin/ruff format .
 
 bench: install
-	$(PY) -m llmkd.bench
+	$(PY) -m llmkd.cli demo --seeds 3 --out runs/bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -34,9 +34,17 @@ def load_raw(train_file=None, validation_file=None, dataset_name=None, dataset_c
 
 
 def tokenize(
-    dataset: Dataset, tokenizer, task: str, text_columns, label_column="label", max_length=128
+    dataset: Dataset,
+    tokenizer,
+    task: str,
+    text_columns,
+    label_column="label",
+    max_length=128,
+    label_names=None,
 ) -> Dataset:
-    """Token ids (+ labels for classifiers). Causal LMs get their labels from the collator."""
+    """Token ids (+ integer labels for classifiers; names are mapped through `label_names`).
+
+    Causal LMs get their labels from the collator."""
     text_columns = [text_columns] if isinstance(text_columns, str) else list(text_columns)
     needed = text_columns + ([label_column] if task != CAUSAL_LM and label_column else [])
     missing = [c for c in needed if c not in dataset.column_names]
@@ -54,12 +62,23 @@ def tokenize(
         texts = [batch[c] for c in text_columns]
         out = tokenizer(*texts, truncation=True, max_length=max_length)
         if task != CAUSAL_LM and label_column:
-            out["label"] = batch[label_column]
+            out["label"] = [label_id(v, label_names) for v in batch[label_column]]
         return out
 
     keep = [c for c in dataset.column_names if c == "label" and task != CAUSAL_LM]
     remove = [c for c in dataset.column_names if c not in keep]
     return dataset.map(encode, batched=True, remove_columns=remove, desc="tokenising")
+
+
+def label_id(value, label_names):
+    """Integer labels pass through; names are looked up in the model's label order."""
+    if not isinstance(value, str):
+        return value
+    if not label_names or value not in label_names:
+        raise ValueError(
+            f"label {value!r} is not one of the model's labels {label_names}; use ids or those names"
+        )
+    return label_names.index(value)
 
 
 def collator_for(task: str, tokenizer):

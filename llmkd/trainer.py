@@ -19,7 +19,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from llmkd import alignment as A
 from llmkd.config import DistillationConfig
-from llmkd.losses import LOSSES, masked_mean
+from llmkd.losses import LOSSES, SOFT_TARGET_LOSSES, masked_mean
 
 logger = logging.getLogger(__name__)
 
@@ -202,10 +202,9 @@ class DistillationTrainer(Trainer):
             counts = self._get_num_items_in_batch([inputs], self.args.device)
         flags = {"output_hidden_states": self.need_hidden, "output_attentions": self.need_attentions}
         student_out = model(**_select(inputs, self._student_keys), **flags)
-        if self.teacher.training:
-            self.teacher.eval()
-        with torch.no_grad():
-            teacher_out = self.teacher(**_select(inputs, self._teacher_keys), **flags)
+        teacher_out = None
+        if self.terms or not model.training:  # a task-loss-only baseline skips the teacher while training
+            teacher_out = self._teacher_forward(inputs, flags)
         local = dict(zip(COUNT_KINDS, self._local_counts(inputs)))
         loss, logs = self._mix(student_out, teacher_out, inputs, counts, local)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
@@ -216,6 +215,12 @@ class DistillationTrainer(Trainer):
             self._accumulate_agreement(student_out.logits, teacher_out.logits, inputs)
         return (loss, student_out) if return_outputs else loss
 
+    def _teacher_forward(self, inputs, flags):
+        if self.teacher.training:  # whoever flipped it, the teacher runs in eval mode (no dropout)
+            self.teacher.eval()
+        with torch.no_grad():
+            return self.teacher(**_select(inputs, self._teacher_keys), **flags)
+
     def _mix(self, student_out, teacher_out, inputs, counts, local):
         """Σ weight · term (+ hard_label_weight · task loss); returns the loss and per-term local means."""
         loss = student_out.logits.new_zeros((), dtype=torch.float32)
@@ -223,7 +228,7 @@ class DistillationTrainer(Trainer):
         for i, term in enumerate(self.terms):
             values, mask, kind = self._term_values(i, term, student_out, teacher_out, inputs)
             value = masked_mean(values, mask, num_items=counts[kind])
-            if term.knowledge == "logits":
+            if term.knowledge == "logits" and term.loss in SOFT_TARGET_LOSSES:
                 value = value * self.args.temperature**2  # soft-target gradients scale as 1/T² (Hinton)
             loss = loss + term.weight * value
             logs[term.name] = value.detach() * counts[kind] / local[kind].clamp(min=1)

@@ -12,7 +12,8 @@ import yaml
 from conftest import BertForSequenceClassification, bert_config, make_tokenizer, seeded, sentences
 from transformers import AutoModelForSequenceClassification
 
-from llmkd.cli import load_config, main, parse_overrides
+from llmkd.cli import main
+from llmkd.recipe import load_config, parse_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,0 +1,159 @@
+"""End-to-end jobs behind the command line, callable from Python: `distill(...)` and `finetune(...)`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import numpy as np
+from sklearn.metrics import accuracy_score
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, set_seed
+
+from llmkd.alignment import SEQ_CLS
+from llmkd.data import collator_for, load_raw, tokenize
+from llmkd.models import describe, detect_task, load_model, student_from_config, student_from_teacher
+from llmkd.recipe import FINETUNE, load_config
+from llmkd.trainer import DistillationTrainer
+
+logger = logging.getLogger(__name__)
+REPORT = "llmkd_report.json"
+
+
+def build_models(run, args):
+    """Teacher, student and their tokenizers, as the recipe says."""
+    common = {"revision": run.teacher_revision, "trust_remote_code": run.trust_remote_code}
+    task = run.task or detect_task(run.teacher, **common)
+    teacher = load_model(run.teacher, task, attn_implementation=run.attn_implementation, **common)
+    teacher_tok = AutoTokenizer.from_pretrained(run.teacher, **common)
+    if run.student is not None:
+        labels = (
+            {
+                "num_labels": teacher.config.num_labels,
+                "label2id": teacher.config.label2id,
+                "id2label": teacher.config.id2label,
+            }
+            if task == SEQ_CLS
+            else {}
+        )
+        student = load_model(
+            run.student,
+            task,
+            trust_remote_code=run.trust_remote_code,
+            attn_implementation=run.attn_implementation,
+            **labels,
+        )
+        student_tok = AutoTokenizer.from_pretrained(run.student, trust_remote_code=run.trust_remote_code)
+    elif run.student_layers is not None:
+        student, student_tok = student_from_teacher(teacher, run.student_layers), teacher_tok
+    else:
+        student, student_tok = student_from_config(teacher, run.student_config, seed=args.seed), teacher_tok
+    return task, teacher, teacher_tok, student, student_tok
+
+
+def build_data(run, task: str, tokenizer, label_names=None) -> dict:
+    raw = load_raw(run.train_file, run.validation_file, run.dataset_name, run.dataset_config)
+    limits = {"train": run.max_train_samples, "validation": run.max_eval_samples}
+    out = {}
+    for split, data in raw.items():
+        if limits.get(split):
+            data = data.select(range(min(limits[split], len(data))))
+        out[split] = tokenize(
+            data, tokenizer, task, run.text_columns, run.label_column, run.max_length, label_names
+        )
+    return out
+
+
+def distill(config_path: str, overrides: list[str] = ()) -> dict:
+    """Runs one distillation recipe end to end; returns its report (also written to output_dir)."""
+    run, args = load_config(config_path, list(overrides))
+    set_seed(args.seed)
+    task, teacher, teacher_tok, student, student_tok = build_models(run, args)
+    names = _label_names(teacher.config) if task == SEQ_CLS else None
+    data = build_data(run, task, student_tok, names)
+    trainer = DistillationTrainer(
+        model=student,
+        teacher=teacher,
+        args=args,
+        train_dataset=data["train"],
+        eval_dataset=data.get("validation"),
+        data_collator=collator_for(task, student_tok),
+        processing_class=student_tok,
+        teacher_processing_class=teacher_tok,
+        compute_metrics=accuracy if task == SEQ_CLS and not trainer_regression(teacher) else None,
+    )
+    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.save_model()
+    report = {
+        "teacher": run.teacher,
+        "task": task,
+        "train": result.metrics,
+        "student": describe(student),
+        "teacher_size": describe(teacher),
+    }
+    if "validation" in data:
+        report["eval"] = trainer.evaluate()
+    if trainer.is_world_process_zero():
+        write_json(os.path.join(args.output_dir, REPORT), report)
+    return report
+
+
+def finetune(config_path: str, overrides: list[str] = ()) -> dict:
+    """Fine-tunes a sequence classifier (e.g. a teacher) with the plain `transformers.Trainer`."""
+    run, args = load_config(config_path, list(overrides), *FINETUNE)
+    set_seed(args.seed)
+    names = list(run.label_names)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        run.model,
+        revision=run.revision,
+        trust_remote_code=run.trust_remote_code,
+        num_labels=len(names),
+        id2label=dict(enumerate(names)),
+        label2id={n: i for i, n in enumerate(names)},
+        **({"attn_implementation": run.attn_implementation} if run.attn_implementation else {}),
+    )
+    tokenizer = AutoTokenizer.from_pretrained(
+        run.model, revision=run.revision, trust_remote_code=run.trust_remote_code
+    )
+    data = build_data(run, SEQ_CLS, tokenizer, names)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=data["train"],
+        eval_dataset=data.get("validation"),
+        data_collator=collator_for(SEQ_CLS, tokenizer),
+        processing_class=tokenizer,
+        compute_metrics=accuracy if len(names) > 1 else None,
+    )
+    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.save_model()
+    report = {"model": run.model, "train": result.metrics, "size": describe(model)}
+    if "validation" in data:
+        report["eval"] = trainer.evaluate()
+    if trainer.is_world_process_zero():
+        write_json(os.path.join(args.output_dir, REPORT), report)
+    return report
+
+
+def accuracy(prediction) -> dict:
+    logits = (
+        prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+    )
+    return {"accuracy": float(accuracy_score(prediction.label_ids, np.argmax(logits, axis=-1)))}
+
+
+def trainer_regression(model) -> bool:
+    return model.config.num_labels == 1
+
+
+def _label_names(config) -> list[str] | None:
+    names = [config.id2label[i] for i in range(config.num_labels)] if config.id2label else None
+    return None if names is None or all(n == f"LABEL_{i}" for i, n in enumerate(names)) else names
+
+
+def write_json(path: str, payload: dict) -> None:
+    """Atomic: write a temporary file, then rename it over the target."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=2, default=str)
+    os.replace(path + ".tmp", path)

@@ -1,0 +1,156 @@
+"""Recipe configs: dataclass defaults < YAML < `--field value` flags, with every key checked."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+from dataclasses import dataclass, field
+
+import yaml
+from transformers import TrainingArguments
+
+from llmkd.alignment import CAUSAL_LM, SEQ_CLS
+from llmkd.config import DistillationConfig
+
+NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _help(text: str, default=None, factory=None):
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class DataConfig:
+    """Which data, which columns, how long."""
+
+    train_file: str | None = _help("csv/tsv/json/jsonl/parquet training file.")
+    validation_file: str | None = _help("Validation file, same format.")
+    dataset_name: str | None = _help("A `datasets` name (Hub or local script) instead of files.")
+    dataset_config: str | None = _help("The dataset's configuration name (e.g. a GLUE task).")
+    text_columns: list | str = _help("Text column(s); two for sentence pairs.", "text")
+    label_column: str | None = _help("Gold label column (classifiers).", "label")
+    max_length: int = _help("Truncate inputs to this many tokens (> 0).", 128)
+    max_train_samples: int | None = _help("Use only the first N training rows.")
+    max_eval_samples: int | None = _help("Use only the first N validation rows.")
+    trust_remote_code: bool = _help("Run model code from the Hub (off: only trusted architectures).", False)
+    attn_implementation: str | None = _help("eager, sdpa, … (default: transformers' choice).")
+
+    def __post_init__(self):
+        if not isinstance(self.max_length, int) or self.max_length <= 0:
+            raise ValueError(f"max_length must be a positive integer, got {self.max_length!r}")
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name} must be a positive integer or null, got {value!r}")
+        if not (self.train_file or self.dataset_name):
+            raise ValueError("no data: set train_file (csv/tsv/json/jsonl/parquet) or dataset_name")
+
+
+@dataclass
+class RunConfig(DataConfig):
+    """What to distil into what (the part of a distillation recipe that is not TrainingArguments)."""
+
+    teacher: str | None = _help("Teacher: a Hub id or a local directory.")
+    teacher_revision: str | None = _help("Hub revision of the teacher (branch, tag or commit).")
+    task: str | None = _help(f"{CAUSAL_LM} or {SEQ_CLS} (default: from the teacher's architectures).")
+    student: str | None = _help("Student: a Hub id or a local directory.")
+    student_layers: list | str | None = _help(
+        "Student from the teacher: teacher layers to keep, [0, 2, 4] or 'every:K', 'first:N', 'last:N'."
+    )
+    student_config: dict | None = _help(
+        "Fresh student: the teacher's config with these fields changed, e.g. {num_hidden_layers: 4}."
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.teacher:
+            raise ValueError("no teacher: set teacher to a Hub id or a local model directory")
+        sources = [k for k in ("student", "student_layers", "student_config") if getattr(self, k) is not None]
+        if len(sources) != 1:
+            raise ValueError(
+                f"set exactly one of student, student_layers, student_config (got {sources or 'none'})"
+            )
+        if self.task not in (None, CAUSAL_LM, SEQ_CLS):
+            raise ValueError(f"task={self.task!r}: use {CAUSAL_LM} or {SEQ_CLS}")
+
+
+@dataclass
+class FinetuneConfig(DataConfig):
+    """Fine-tune a classifier (a teacher for users without a fine-tuned Hub checkpoint)."""
+
+    model: str | None = _help("Base model: a Hub id or a local directory (a fresh head is added).")
+    revision: str | None = _help("Hub revision of the model.")
+    label_names: list | None = _help("Class names in label-id order, e.g. [negative, positive].")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.model:
+            raise ValueError("no model: set model to a Hub id or a local model directory")
+        if not self.label_names or len(self.label_names) < 1:
+            raise ValueError("label_names must list the classes in label-id order, e.g. [negative, positive]")
+
+
+def parse_overrides(tokens: list[str]) -> dict:
+    """`--key value`, `--key=value` or a bare `--flag` (true); values are read as YAML scalars/lists."""
+    out, i = {}, 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--"):
+            raise ValueError(f"unexpected argument {token!r}; overrides look like --learning_rate 1e-4")
+        key, eq, value = token[2:].partition("=")
+        if not eq:
+            has_value = i + 1 < len(tokens) and not tokens[i + 1].startswith("--")
+            value = tokens[i + 1] if has_value else "true"
+            i += has_value
+        out[key.replace("-", "_")] = _numbers(yaml.safe_load(value))
+        i += 1
+    return out
+
+
+def _numbers(value):
+    """YAML 1.1 reads `1e-4` as a string; recipes mean the number."""
+    if isinstance(value, str) and NUMBER.fullmatch(value.strip()):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    return value
+
+
+def split_config(
+    values: dict, run_cls=RunConfig, args_cls=DistillationConfig, default_output_dir="runs/distill"
+):
+    """Routes each key to the run dataclass or the TrainingArguments one; unknown keys get a suggestion."""
+    run_keys = {f.name for f in dataclasses.fields(run_cls)}
+    train_keys = {f.name for f in dataclasses.fields(args_cls) if f.init}
+    unknown = sorted(set(values) - run_keys - train_keys)
+    if unknown:
+        hints = {k: difflib.get_close_matches(k, run_keys | train_keys, n=1) for k in unknown}
+        described = [f"{k} (did you mean {h[0]}?)" if h else k for k, h in hints.items()]
+        raise ValueError("unknown config keys: " + ", ".join(described))
+    train_values = {k: v for k, v in values.items() if k in train_keys}
+    train_values.setdefault("output_dir", default_output_dir)
+    run = run_cls(**{k: v for k, v in values.items() if k in run_keys})
+    return run, args_cls(**train_values)
+
+
+def read_yaml(path: str) -> dict:
+    with open(path, encoding="utf-8") as handle:
+        values = yaml.safe_load(handle) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a mapping of config keys, got {type(values).__name__}")
+    return {k: _numbers(v) for k, v in values.items()}
+
+
+def load_config(path: str, overrides: list[str], run_cls=RunConfig, args_cls=DistillationConfig):
+    values = read_yaml(path) | parse_overrides(overrides)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return split_config(values, run_cls, args_cls, default_output_dir=os.path.join("runs", stem))
+
+
+FINETUNE = (FinetuneConfig, TrainingArguments)

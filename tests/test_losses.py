@@ -1,0 +1,513 @@
+"""Unit tier for llmkd.losses: float64 references written from the papers' formulas (never calling the code
+under test), identities, -inf safety, masking and gradients. Every test runs in milliseconds."""
+
+from __future__ import annotations
+
+import math
+from itertools import product
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmkd import losses
+from llmkd.losses import LOSSES, SOFT_TARGET_LOSSES, get_loss, masked_mean
+
+INF = float("inf")
+LOGIT_NAMES = list(LOSSES["logits"])
+PROBABILITY_NAMES = [name for name in LOGIT_NAMES if name != "mse"]
+OTHER_LOSSES = [(family, name) for family in ("hidden", "attention", "relation") for name in LOSSES[family]]
+LOW_PRECISION = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def randn(*shape: int, seed: int = 0, scale: float = 1.0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(*shape, generator=generator, dtype=torch.float64)).to(dtype)
+
+
+def attention_maps(batch: int = 2, heads: int = 3, length: int = 4, seed: int = 0) -> torch.Tensor:
+    """Softmax maps with the last key of the first example masked: exactly 0, as transformers returns."""
+    scores = randn(batch, heads, length, length, seed=seed, scale=2.0)
+    scores[0, :, :, -1] = -INF
+    return scores.softmax(-1)
+
+
+def family_inputs(family: str, seed: int = 0, dtype: torch.dtype = torch.float64):
+    if family == "hidden":
+        return randn(2, 3, 6, seed=seed, dtype=dtype), randn(2, 3, 6, seed=seed + 100, dtype=dtype)
+    if family == "attention":
+        return attention_maps(seed=seed).to(dtype), attention_maps(seed=seed + 100).to(dtype)
+    return randn(5, 3, seed=seed, dtype=dtype), randn(5, 4, seed=seed + 100, dtype=dtype)
+
+
+# ------------------------------------------------------------------ float64 references (numpy, from the papers)
+
+
+def softmax_ref(z: np.ndarray, temperature: float) -> np.ndarray:
+    e = np.exp(z / temperature - (z / temperature).max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def kl_ref(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    return (p * np.log(p / q)).sum(-1)
+
+
+def jsd_ref(ps: np.ndarray, pt: np.ndarray, beta: float) -> np.ndarray:
+    m = beta * pt + (1 - beta) * ps
+    return beta * kl_ref(pt, m) + (1 - beta) * kl_ref(ps, m)
+
+
+# (student probs, teacher probs, student logits, teacher logits, T) -> per-position values, default params
+LOGIT_REFERENCES = {
+    "forward_kl": lambda ps, pt, zs, zt, t: kl_ref(pt, ps),
+    "kl": lambda ps, pt, zs, zt, t: kl_ref(pt, ps),
+    "reverse_kl": lambda ps, pt, zs, zt, t: kl_ref(ps, pt),
+    "jsd": lambda ps, pt, zs, zt, t: jsd_ref(ps, pt, 0.5),
+    "skew_kl": lambda ps, pt, zs, zt, t: kl_ref(pt, 0.1 * pt + 0.9 * ps),
+    "skew_reverse_kl": lambda ps, pt, zs, zt, t: kl_ref(ps, 0.1 * ps + 0.9 * pt),
+    "tvd": lambda ps, pt, zs, zt, t: 0.5 * np.abs(pt - ps).sum(-1),
+    "soft_ce": lambda ps, pt, zs, zt, t: -(pt * np.log(ps)).sum(-1),
+    "mse": lambda ps, pt, zs, zt, t: ((zs / t - zt / t) ** 2).mean(-1),
+}
+
+
+def huber(x: float) -> float:
+    return 0.5 * x * x if abs(x) < 1 else abs(x) - 0.5
+
+
+def unit(v: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(v)
+    return v / norm if norm > 0 else v
+
+
+def rkd_distance_ref(s: np.ndarray, t: np.ndarray) -> float:
+    pairs = [(i, j) for i in range(len(s)) for j in range(len(s)) if i != j]
+    ds = np.array([np.linalg.norm(s[i] - s[j]) for i, j in pairs])
+    dt = np.array([np.linalg.norm(t[i] - t[j]) for i, j in pairs])
+    return float(np.mean([huber(a - b) for a, b in zip(ds / ds.mean(), dt / dt.mean(), strict=True)]))
+
+
+def rkd_angle_ref(s: np.ndarray, t: np.ndarray) -> float:
+    def cos(x, i, j, k):
+        return float(unit(x[i] - x[j]) @ unit(x[k] - x[j]))
+
+    n = len(s)
+    return float(
+        np.mean([huber(cos(s, i, j, k) - cos(t, i, j, k)) for i, j, k in product(range(n), repeat=3)])
+    )
+
+
+def sp_ref(s: np.ndarray, t: np.ndarray) -> float:
+    def gram(x):
+        g = x @ x.T
+        return np.stack([unit(row) for row in g])
+
+    return float(((gram(t) - gram(s)) ** 2).sum() / len(s) ** 2)
+
+
+def pkt_ref(s: np.ndarray, t: np.ndarray) -> float:
+    def conditionals(x):
+        n = len(x)
+        k = np.array([[(unit(x[i]) @ unit(x[j]) + 1) / 2 for j in range(n)] for i in range(n)])
+        return k / k.sum(1, keepdims=True)
+
+    ps, pt = conditionals(s), conditionals(t)
+    return float(np.mean(pt * np.log(pt / ps)))
+
+
+def attention_kl_ref(s: np.ndarray, t: np.ndarray) -> np.ndarray:
+    out = np.zeros(s.shape[0::2])
+    for b, h, q in product(range(s.shape[0]), range(s.shape[1]), range(s.shape[2])):
+        keep = t[b, h, q] > 0
+        out[b, q] += (t[b, h, q][keep] * np.log(t[b, h, q][keep] / s[b, h, q][keep])).sum() / s.shape[1]
+    return out
+
+
+OTHER_REFERENCES = {
+    ("hidden", "mse"): lambda s, t: ((s - t) ** 2).mean(-1),
+    ("hidden", "cosine"): lambda s, t: (
+        1 - (s * t).sum(-1) / np.linalg.norm(s, axis=-1) / np.linalg.norm(t, axis=-1)
+    ),
+    ("attention", "kl"): attention_kl_ref,
+    ("attention", "mse"): lambda s, t: ((s - t) ** 2).mean(axis=(1, 3)),
+    ("relation", "rkd_distance"): rkd_distance_ref,
+    ("relation", "rkd_angle"): rkd_angle_ref,
+    ("relation", "sp"): sp_ref,
+    ("relation", "similarity_preserving"): sp_ref,
+    ("relation", "pkt"): pkt_ref,
+}
+
+
+def test_every_registered_loss_has_a_reference():
+    assert set(LOGIT_REFERENCES) == set(LOSSES["logits"])
+    assert set(OTHER_REFERENCES) == set(OTHER_LOSSES)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("name", LOGIT_NAMES)
+def test_logit_loss_matches_reference(name, temperature, dtype):
+    zs, zt = randn(2, 3, 11, seed=1, scale=2.0, dtype=dtype), randn(2, 3, 11, seed=2, scale=2.0, dtype=dtype)
+    out = LOSSES["logits"][name](zs, zt, temperature=temperature)
+    zs64, zt64 = zs.double().numpy(), zt.double().numpy()
+    ps, pt = softmax_ref(zs64, temperature), softmax_ref(zt64, temperature)
+    expected = LOGIT_REFERENCES[name](ps, pt, zs64, zt64, temperature)
+    assert out.shape == (2, 3) and out.dtype == dtype
+    tolerance = 1e-10 if dtype == torch.float64 else 1e-5
+    np.testing.assert_allclose(out.detach().double().numpy(), expected, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("family", "name"), OTHER_LOSSES)
+def test_other_loss_matches_reference(family, name, dtype):
+    student, teacher = family_inputs(family, seed=3, dtype=dtype)
+    out = LOSSES[family][name](student, teacher)
+    expected = OTHER_REFERENCES[family, name](student.double().numpy(), teacher.double().numpy())
+    assert out.dtype == dtype and out.shape == np.shape(expected)
+    tolerance = 1e-10 if dtype == torch.float64 else 1e-5
+    np.testing.assert_allclose(out.double().numpy(), expected, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize(("name", "params", "expected"), [
+    ("jsd", {"beta": 0.3}, lambda ps, pt: jsd_ref(ps, pt, 0.3)),
+    ("skew_kl", {"alpha": 0.4}, lambda ps, pt: kl_ref(pt, 0.4 * pt + 0.6 * ps)),
+    ("skew_reverse_kl", {"alpha": 0.4}, lambda ps, pt: kl_ref(ps, 0.4 * ps + 0.6 * pt)),
+])  # fmt: skip
+def test_non_default_parameters_match_reference(name, params, expected):
+    zs, zt = randn(4, 9, seed=4, scale=2.0), randn(4, 9, seed=5, scale=2.0)
+    out = LOSSES["logits"][name](zs, zt, temperature=2.0, **params)
+    reference = expected(softmax_ref(zs.numpy(), 2.0), softmax_ref(zt.numpy(), 2.0))
+    np.testing.assert_allclose(out.numpy(), reference, rtol=1e-10)
+
+
+# ------------------------------------------------------------------ identities
+
+
+@pytest.mark.parametrize("name", [name for name in LOGIT_NAMES if name != "soft_ce"])
+def test_logit_loss_is_zero_for_identical_inputs(name):
+    z = randn(3, 7, seed=6, scale=3.0, dtype=torch.float32)
+    torch.testing.assert_close(
+        LOSSES["logits"][name](z, z.clone(), temperature=2.0), torch.zeros(3), atol=1e-6, rtol=0
+    )
+
+
+def test_soft_ce_of_identical_inputs_is_the_entropy():
+    z = randn(3, 7, seed=6, scale=3.0)
+    p = softmax_ref(z.numpy(), 2.0)
+    np.testing.assert_allclose(
+        losses.soft_ce(z, z, temperature=2.0).numpy(), -(p * np.log(p)).sum(-1), rtol=1e-12
+    )
+
+
+@pytest.mark.parametrize(("family", "name"), OTHER_LOSSES)
+def test_other_loss_is_zero_for_identical_inputs(family, name):
+    _, teacher = family_inputs(family, seed=7, dtype=torch.float32)
+    out = LOSSES[family][name](teacher.clone(), teacher)
+    torch.testing.assert_close(out, torch.zeros_like(out), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_every_loss_is_non_negative(seed):
+    zs, zt = randn(4, 13, seed=seed, scale=4.0), randn(4, 13, seed=seed + 50, scale=4.0)
+    for name in LOGIT_NAMES:
+        assert (LOSSES["logits"][name](zs, zt, temperature=1.5) >= 0).all(), name
+    for family, name in OTHER_LOSSES:
+        assert (LOSSES[family][name](*family_inputs(family, seed=seed)) >= 0).all(), (family, name)
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+def test_jsd_lies_between_zero_and_the_binary_entropy(beta):
+    zs, zt = randn(6, 5, seed=8, scale=10.0), randn(6, 5, seed=9, scale=10.0)
+    out = losses.jsd(zs, zt, beta=beta)
+    assert (out >= 0).all() and (
+        out <= -beta * math.log(beta) - (1 - beta) * math.log(1 - beta) + 1e-12
+    ).all()
+
+
+def test_jsd_limits_are_forward_and_reverse_kl_and_swapping_mirrors_beta():
+    zs, zt, eps = randn(3, 6, seed=10), randn(3, 6, seed=11), 1e-7
+    torch.testing.assert_close(
+        losses.jsd(zs, zt, beta=eps) / eps, losses.forward_kl(zs, zt), rtol=1e-4, atol=0
+    )
+    torch.testing.assert_close(
+        losses.jsd(zs, zt, beta=1 - eps) / eps, losses.reverse_kl(zs, zt), rtol=1e-4, atol=0
+    )
+    torch.testing.assert_close(losses.jsd(zs, zt, beta=0.3), losses.jsd(zt, zs, beta=0.7))
+
+
+def test_skew_kl_endpoints():
+    zs, zt = randn(3, 6, seed=12), randn(3, 6, seed=13)
+    torch.testing.assert_close(losses.skew_kl(zs, zt, alpha=0.0), losses.forward_kl(zs, zt))
+    torch.testing.assert_close(losses.skew_reverse_kl(zs, zt, alpha=0.0), losses.reverse_kl(zs, zt))
+    torch.testing.assert_close(losses.skew_kl(zs, zt, alpha=1.0), torch.zeros(3, dtype=torch.float64))
+    assert (losses.skew_kl(zs, zt, alpha=0.5) < losses.forward_kl(zs, zt)).all()
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0, 1.5, -0.2])
+def test_jsd_rejects_beta_outside_the_open_interval(beta):
+    with pytest.raises(ValueError, match="forward_kl") as info:
+        losses.jsd(randn(2, 4), randn(2, 4), beta=beta)
+    assert "reverse_kl" in str(info.value) and str(beta) in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["skew_kl", "skew_reverse_kl"])
+@pytest.mark.parametrize("alpha", [-0.1, 1.5])
+def test_skew_rejects_alpha_outside_the_unit_interval(name, alpha):
+    with pytest.raises(ValueError, match=str(alpha)):
+        LOSSES["logits"][name](randn(2, 4), randn(2, 4), alpha=alpha)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan")])
+@pytest.mark.parametrize("name", LOGIT_NAMES)
+def test_non_positive_temperature_is_rejected(name, temperature):
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        LOSSES["logits"][name](randn(2, 4), randn(2, 4), temperature=temperature)
+
+
+@pytest.mark.parametrize("name", LOGIT_NAMES)
+def test_temperature_divides_both_logits(name):
+    zs, zt = randn(3, 8, seed=14, scale=3.0), randn(3, 8, seed=15, scale=3.0)
+    loss = LOSSES["logits"][name]
+    torch.testing.assert_close(loss(zs, zt, temperature=2.5), loss(zs / 2.5, zt / 2.5))
+
+
+def test_logit_mse_scales_as_inverse_temperature_squared():
+    zs, zt = randn(3, 8, seed=16), randn(3, 8, seed=17)
+    torch.testing.assert_close(losses.logit_mse(zs, zt, temperature=2.0), losses.logit_mse(zs, zt) / 4)
+
+
+@pytest.mark.parametrize("name", LOGIT_NAMES)
+def test_soft_target_losses_are_the_softmax_losses_whose_gradient_scales_as_inverse_t_squared(name):
+    zs, zt = randn(8, 50, seed=18, scale=3.0), randn(8, 50, seed=19, scale=3.0)
+
+    def grad_norm(temperature):
+        student = zs.clone().requires_grad_()
+        LOSSES["logits"][name](student, zt, temperature=temperature).sum().backward()
+        return student.grad.norm()
+
+    ratio = grad_norm(32.0) / grad_norm(64.0)
+    scales_as_inverse_t_squared = abs(ratio - 4) < 0.2
+    assert (name in SOFT_TARGET_LOSSES) == (scales_as_inverse_t_squared and name != "mse"), float(ratio)
+
+
+# ------------------------------------------------------------------ -inf logits (masked vocabulary rows)
+
+MASK_CASES = ["teacher", "student", "both", "fully_masked_rows"]
+
+
+def masked_logits(case: str, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    zs, zt = randn(3, 4, 8, seed=20, scale=3.0), randn(3, 4, 8, seed=21, scale=3.0)
+    if case in ("teacher", "both"):
+        zt[..., :3] = -INF
+    if case in ("student", "both"):
+        zs[..., :3] = -INF
+    if case == "fully_masked_rows":  # both sides, teacher only, student only
+        zs[0, 1] = zt[0, 1] = zt[1, 2] = zs[2, 0] = -INF
+    return zs.to(dtype).requires_grad_(), zt.to(dtype).requires_grad_()
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("case", MASK_CASES)
+@pytest.mark.parametrize("name", LOGIT_NAMES)
+def test_neg_inf_logits_give_finite_float32_values_and_gradients(name, case, dtype):
+    zs, zt = masked_logits(case, dtype)
+    out = LOSSES["logits"][name](zs, zt, temperature=2.0)
+    assert out.dtype == torch.float32 and out.shape == (3, 4) and torch.isfinite(out).all()
+    out.sum().backward()
+    assert torch.isfinite(zs.grad).all() and torch.isfinite(zt.grad).all()
+    if case == "fully_masked_rows":
+        assert out[0, 1] == out[1, 2] == out[2, 0] == 0
+
+
+@pytest.mark.parametrize("name", LOGIT_NAMES)
+def test_tokens_masked_on_both_sides_are_as_if_removed_from_the_vocabulary(name):
+    zs, zt = masked_logits("both")
+    loss = LOSSES["logits"][name]
+    torch.testing.assert_close(loss(zs, zt, temperature=2.0), loss(zs[..., 3:], zt[..., 3:], temperature=2.0))
+
+
+def test_teacher_mass_on_a_student_masked_token_costs_the_documented_floor():
+    zs, zt = masked_logits("student")
+    pt = softmax_ref(zt.detach().double().numpy(), 1.0)
+    log_ps = np.full_like(pt, math.log(torch.finfo(torch.float32).tiny))
+    log_ps[..., 3:] = np.log(softmax_ref(zs.detach().double().numpy()[..., 3:], 1.0))
+    expected = (pt * (np.log(pt) - log_ps)).sum(-1)
+    np.testing.assert_allclose(losses.forward_kl(zs, zt).detach().numpy(), expected, rtol=1e-5)
+    assert expected.max() > 50  # large, finite
+
+
+@pytest.mark.parametrize("case", ["teacher", "both", "fully_masked_rows"])
+def test_naive_kl_is_nan_on_the_same_inputs(case):
+    """Negative control: the -inf tests above would catch the textbook formula."""
+    zs, zt = masked_logits(case)
+    log_ps, log_pt = F.log_softmax(zs, -1), F.log_softmax(zt, -1)
+    assert torch.isnan((log_pt.exp() * (log_pt - log_ps)).sum(-1)).any()
+
+
+def test_masking_the_naive_reverse_kl_after_the_fact_still_gives_nan_gradients():
+    zs, zt = masked_logits("both")
+    log_ps, log_pt = F.log_softmax(zs, -1), F.log_softmax(zt, -1)
+    terms = torch.where(log_ps.exp() > 0, log_ps.exp() * (log_ps - log_pt), 0.0)
+    terms.sum().backward()
+    assert torch.isfinite(terms).all() and torch.isnan(zs.grad).any()
+
+
+# ------------------------------------------------------------------ dtype, other edge cases, validation
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize(("family", "name"), OTHER_LOSSES)
+def test_other_losses_compute_in_float32(family, name, dtype):
+    assert LOSSES[family][name](*family_inputs(family, seed=22, dtype=dtype)).dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("family", "name"), [("hidden", "cosine"), *[("relation", n) for n in LOSSES["relation"]]]
+)
+def test_zero_vectors_and_duplicate_examples_have_finite_gradients(family, name):
+    student, teacher = family_inputs(family, seed=23, dtype=torch.float32)
+    student[0] = 0.0
+    if family == "relation":
+        student[2] = student[1]
+        teacher[2] = teacher[1]
+    student.requires_grad_()
+    out = LOSSES[family][name](student, teacher)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(student.grad).all()
+
+
+def test_attention_kl_is_finite_when_the_student_puts_zero_on_a_teacher_key():
+    student, teacher = attention_maps(seed=24).float(), attention_maps(seed=25).float()
+    student[1, :, :, 0] = 0.0
+    student.requires_grad_()
+    out = losses.attention_kl(student, teacher)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(student.grad).all() and (out[1] > 10).all()
+
+
+@pytest.mark.parametrize("name", ["kl", "mse"])
+def test_attention_losses_name_both_head_counts(name):
+    with pytest.raises(ValueError, match=r"student has 2 attention heads and teacher 3"):
+        LOSSES["attention"][name](attention_maps(heads=2), attention_maps(heads=3))
+
+
+@pytest.mark.parametrize("name", ["mse", "cosine"])
+def test_hidden_losses_reject_different_widths(name):
+    with pytest.raises(ValueError, match=r"\(2, 3, 4\).*\(2, 3, 6\).*project"):
+        LOSSES["hidden"][name](randn(2, 3, 4), randn(2, 3, 6))
+
+
+@pytest.mark.parametrize("name", list(LOSSES["relation"]))
+@pytest.mark.parametrize(
+    ("student_shape", "teacher_shape"), [((4, 3), (5, 3)), ((1, 3), (1, 3)), ((4,), (4,))]
+)
+def test_relation_losses_reject_mismatched_or_too_small_batches(name, student_shape, teacher_shape):
+    with pytest.raises(ValueError, match="N >= 2"):
+        LOSSES["relation"][name](randn(*student_shape), randn(*teacher_shape))
+
+
+# ------------------------------------------------------------------ gradients (float64 gradcheck)
+
+
+GRADCHECK_CASES = [
+    ("logits", "forward_kl"),
+    ("logits", "jsd"),
+    ("logits", "skew_reverse_kl"),
+    ("logits", "mse"),
+    ("hidden", "cosine"),
+    ("attention", "kl"),
+    ("relation", "rkd_distance"),
+    ("relation", "rkd_angle"),
+    ("relation", "sp"),
+    ("relation", "pkt"),
+]
+
+
+@pytest.mark.parametrize(("family", "name"), GRADCHECK_CASES)
+def test_gradcheck_in_float64(family, name):
+    if family == "logits":
+        inputs = randn(2, 5, seed=26), randn(2, 5, seed=27)
+        loss = lambda s, t: LOSSES["logits"][name](s, t, temperature=2.0)  # noqa: E731
+    else:
+        inputs = family_inputs(family, seed=26)
+        loss = LOSSES[family][name]
+    if family == "attention":  # the teacher map holds exact zeros, where p·log p has no derivative
+        inputs, loss = inputs[:1], lambda s, teacher=inputs[1]: LOSSES["attention"][name](s, teacher)  # noqa: E731
+    assert torch.autograd.gradcheck(loss, tuple(x.clone().requires_grad_() for x in inputs))
+
+
+def test_gradcheck_with_masked_vocabulary_rows():
+    zs, zt = randn(3, 5, seed=28), randn(3, 5, seed=29)
+    zs[0, :2] = zt[0, :2] = zt[1, 0] = -INF
+    zs[2] = -INF
+    check = lambda s: losses.jsd(s, zt, temperature=2.0)  # noqa: E731
+    assert torch.autograd.gradcheck(check, (zs.requires_grad_(),))
+
+
+# ------------------------------------------------------------------ masked_mean
+
+
+def test_masked_mean_ignores_masked_nan_and_inf_in_value_and_gradient():
+    values = torch.tensor([[1.0, 2.0, float("nan")], [3.0, INF, -INF]], requires_grad=True)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    out = masked_mean(values, mask)
+    out.backward()
+    assert out.item() == pytest.approx(2.0)
+    torch.testing.assert_close(values.grad, mask.float() / 3)
+
+
+def test_masked_mean_divides_by_num_items_and_accumulates_like_one_big_batch():
+    values, mask = randn(8, 5, seed=30, dtype=torch.float32), randn(8, 5, seed=31) > 0
+    whole = masked_mean(values, mask)
+    torch.testing.assert_close(masked_mean(values, mask, num_items=10), values[mask].sum() / 10)
+    total = int(mask.sum())
+    chunks = [
+        masked_mean(values[i : i + 2], mask[i : i + 2], num_items=torch.tensor(total)) for i in range(0, 8, 2)
+    ]
+    torch.testing.assert_close(sum(chunks), whole)
+
+
+def test_masked_mean_broadcasts_integer_masks_and_defaults_to_all():
+    values = randn(2, 3, seed=32, dtype=torch.float32)
+    torch.testing.assert_close(masked_mean(values), values.mean())
+    torch.testing.assert_close(masked_mean(values, torch.tensor([[1], [0]])), values[0].mean())
+    assert masked_mean(values.half()).dtype == torch.float32
+    with pytest.raises(ValueError, match=r"\(2,\).*\(2, 3\)"):
+        masked_mean(values, torch.ones(2, dtype=torch.bool))
+
+
+def test_masked_mean_with_no_items_is_zero_with_a_finite_gradient():
+    values = torch.tensor([[float("nan"), INF], [1.0, 2.0]], requires_grad=True)
+    out = masked_mean(values, torch.zeros(2, 2, dtype=torch.bool))
+    out.backward()
+    assert out.item() == 0 and torch.isfinite(values.grad).all()
+    values = torch.tensor([3.0, 4.0], requires_grad=True)
+    out = masked_mean(values, num_items=0)
+    out.backward()
+    assert out.item() == 0 and torch.isfinite(values.grad).all()
+
+
+# ------------------------------------------------------------------ registry
+
+
+def test_registry_aliases_and_get_loss():
+    assert LOSSES["logits"]["kl"] is losses.forward_kl
+    assert (
+        get_loss("relation", "sp")
+        is get_loss("relation", "similarity_preserving")
+        is losses.similarity_preserving
+    )
+    assert get_loss("logits", "mse") is losses.logit_mse
+    assert set(LOSSES["logits"]) - {"tvd", "mse"} == SOFT_TARGET_LOSSES
+
+
+@pytest.mark.parametrize(("knowledge", "name", "unknown", "listed"), [
+    ("logits", "kld", "kld", ["forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd", "mse"]),
+    ("hidden", "l1", "l1", ["mse", "cosine"]),
+    ("features", "mse", "features", ["logits", "hidden", "attention", "relation"]),
+])  # fmt: skip
+def test_get_loss_unknown_name_lists_valid_names(knowledge, name, unknown, listed):
+    with pytest.raises(ValueError, match=repr(unknown)) as info:
+        get_loss(knowledge, name)
+    assert all(valid in str(info.value) for valid in listed)
