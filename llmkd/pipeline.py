@@ -102,7 +102,7 @@ def finetune(config_path: str, overrides: list[str] = ()) -> dict:
     """Fine-tunes a sequence classifier (e.g. a teacher) with the plain `transformers.Trainer`."""
     run, args = load_config(config_path, list(overrides), *FINETUNE)
     set_seed(args.seed)
-    names = list(run.label_names)
+    names = list(run.class_names)
     model = AutoModelForSequenceClassification.from_pretrained(
         run.model,
         revision=run.revision,

@@ -84,14 +84,14 @@ class FinetuneConfig(DataConfig):
 
     model: str | None = _help("Base model: a Hub id or a local directory (a fresh head is added).")
     revision: str | None = _help("Hub revision of the model.")
-    label_names: list | None = _help("Class names in label-id order, e.g. [negative, positive].")
+    class_names: list | None = _help("Class names in label-id order, e.g. [negative, positive].")
 
     def __post_init__(self):
         super().__post_init__()
         if not self.model:
             raise ValueError("no model: set model to a Hub id or a local model directory")
-        if not self.label_names or len(self.label_names) < 1:
-            raise ValueError("label_names must list the classes in label-id order, e.g. [negative, positive]")
+        if not self.class_names:
+            raise ValueError("class_names must list the classes in label-id order, e.g. [negative, positive]")
 
 
 def parse_overrides(tokens: list[str]) -> dict:
@@ -128,6 +128,10 @@ def split_config(
     """Routes each key to the run dataclass or the TrainingArguments one; unknown keys get a suggestion."""
     run_keys = {f.name for f in dataclasses.fields(run_cls)}
     train_keys = {f.name for f in dataclasses.fields(args_cls) if f.init}
+    shared = run_keys & train_keys
+    assert not shared, (
+        f"{run_cls.__name__} and {args_cls.__name__} both define {shared}"
+    )  # a key must mean one thing
     unknown = sorted(set(values) - run_keys - train_keys)
     if unknown:
         hints = {k: difflib.get_close_matches(k, run_keys | train_keys, n=1) for k in unknown}

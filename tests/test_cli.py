@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,7 +14,8 @@ from conftest import BertForSequenceClassification, bert_config, make_tokenizer,
 from transformers import AutoModelForSequenceClassification
 
 from llmkd.cli import main
-from llmkd.recipe import load_config, parse_overrides
+from llmkd.config import DistillationConfig
+from llmkd.recipe import FINETUNE, RunConfig, load_config, parse_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -107,3 +109,10 @@ def test_recipe_script_runs_under_python(tiny_recipe, tmp_path):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "script_out" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("pair", [(RunConfig, DistillationConfig), FINETUNE])
+def test_recipe_keys_never_shadow_training_arguments(pair):
+    run_cls, args_cls = pair
+    run_keys = {f.name for f in dataclasses.fields(run_cls)}
+    assert not run_keys & {f.name for f in dataclasses.fields(args_cls)}
