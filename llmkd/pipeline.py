@@ -13,7 +13,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trai
 from llmkd.alignment import SEQ_CLS
 from llmkd.data import collator_for, load_raw, tokenize
 from llmkd.models import describe, detect_task, load_model, student_from_config, student_from_teacher
-from llmkd.recipe import FINETUNE, load_config
+from llmkd.recipe import FINETUNE, load_config, load_stages
 from llmkd.trainer import DistillationTrainer
 
 logger = logging.getLogger(__name__)
@@ -48,6 +48,8 @@ def build_models(run, args):
         student, student_tok = student_from_teacher(teacher, run.student_layers), teacher_tok
     else:
         student, student_tok = student_from_config(teacher, run.student_config, seed=args.seed), teacher_tok
+    if run.freeze_embeddings:
+        student.get_input_embeddings().requires_grad_(False)
     return task, teacher, teacher_tok, student, student_tok
 
 
@@ -65,8 +67,13 @@ def build_data(run, task: str, tokenizer, label_names=None) -> dict:
 
 
 def distill(config_path: str, overrides: list[str] = ()) -> dict:
-    """Runs one distillation recipe end to end; returns its report (also written to output_dir)."""
-    run, args = load_config(config_path, list(overrides))
+    """Runs a distillation recipe end to end, stage by stage; returns the last stage's report."""
+    reports = [distill_stage(run, args) for run, args in load_stages(config_path, list(overrides))]
+    return reports[-1] | ({"stages": reports[:-1]} if len(reports) > 1 else {})
+
+
+def distill_stage(run, args) -> dict:
+    """One distillation from parsed configs; the report is also written to args.output_dir."""
     set_seed(args.seed)
     task, teacher, teacher_tok, student, student_tok = build_models(run, args)
     names = _label_names(teacher.config) if task == SEQ_CLS else None

@@ -64,6 +64,11 @@ class RunConfig(DataConfig):
     student_config: dict | None = _help(
         "Fresh student: the teacher's config with these fields changed, e.g. {num_hidden_layers: 4}."
     )
+    freeze_embeddings: bool = _help(
+        "Keep the student's token embeddings fixed: for small students they hold most of the parameters, so "
+        "steps get much cheaper on CPU; students built from the teacher's layers start from its embeddings.",
+        False,
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -152,9 +157,49 @@ def read_yaml(path: str) -> dict:
 
 
 def load_config(path: str, overrides: list[str], run_cls=RunConfig, args_cls=DistillationConfig):
-    values = read_yaml(path) | parse_overrides(overrides)
+    """One (run, training-arguments) pair; see `load_stages` for multi-stage recipes."""
+    stages = load_stages(path, overrides, run_cls, args_cls)
+    if len(stages) != 1:
+        raise ValueError(f"{path} has {len(stages)} stages; run it with `llmkd distill`")
+    return stages[0]
+
+
+def load_stages(
+    path: str, overrides: list[str], run_cls=RunConfig, args_cls=DistillationConfig
+) -> list[tuple]:
+    """Every stage of a recipe, all validated before any training.
+
+    A recipe may list `stages:` (e.g. TinyBERT's intermediate then prediction-layer distillation): each stage's
+    keys override the shared ones, flags override both, and stage k > 1 starts from stage k-1's student.
+    `smoke: true` shrinks any recipe to a tiny slice and two steps, which is what CI runs.
+    """
+    base, flags = read_yaml(path), parse_overrides(overrides)
+    stages = base.pop("stages", None) or [{}]
+    smoke = flags.pop("smoke", base.pop("smoke", False))
     stem = os.path.splitext(os.path.basename(path))[0]
-    return split_config(values, run_cls, args_cls, default_output_dir=os.path.join("runs", stem))
+    final_dir = (base | flags).get("output_dir", os.path.join("runs", stem))
+    out = []
+    for k, stage in enumerate(stages):
+        values = base | stage | flags | (SMOKE if smoke else {})
+        if k > 0:  # later stages continue from the previous stage's student
+            values = {key: v for key, v in values.items() if key not in ("student_layers", "student_config")}
+            values["student"] = out[-1][1].output_dir
+        values["output_dir"] = (
+            final_dir if k == len(stages) - 1 else os.path.join(final_dir, f"stage-{k + 1}")
+        )
+        out.append(split_config(values, run_cls, args_cls))
+    return out
+
+
+SMOKE = {
+    "max_train_samples": 32,
+    "max_eval_samples": 16,
+    "max_steps": 2,
+    "save_strategy": "no",
+    "eval_strategy": "no",
+    "logging_steps": 1,
+    "report_to": "none",
+}
 
 
 FINETUNE = (FinetuneConfig, TrainingArguments)

@@ -15,7 +15,8 @@ from transformers import AutoModelForSequenceClassification
 
 from llmkd.cli import main
 from llmkd.config import DistillationConfig
-from llmkd.recipe import FINETUNE, RunConfig, load_config, parse_overrides
+from llmkd.pipeline import distill
+from llmkd.recipe import FINETUNE, RunConfig, load_config, load_stages, parse_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -116,3 +117,37 @@ def test_recipe_keys_never_shadow_training_arguments(pair):
     run_cls, args_cls = pair
     run_keys = {f.name for f in dataclasses.fields(run_cls)}
     assert not run_keys & {f.name for f in dataclasses.fields(args_cls)}
+
+
+def test_two_stage_recipe_runs_both_stages_and_chains_the_student(tiny_recipe, tmp_path):
+    recipe = yaml.safe_load(tiny_recipe.read_text())
+    recipe.pop("terms")
+    recipe["stages"] = [
+        {"terms": [{"knowledge": "hidden", "loss": "mse"}], "hard_label_weight": 0.0},
+        {"terms": [{"knowledge": "logits", "loss": "soft_ce"}], "temperature": 1.0},
+    ]
+    path = tmp_path / "two_stage.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    stages = load_stages(str(path), ["--learning_rate", "5e-4"])
+    assert [a.output_dir for _, a in stages] == [str(tmp_path / "out" / "stage-1"), str(tmp_path / "out")]
+    assert stages[1][0].student == str(tmp_path / "out" / "stage-1") and stages[1][0].student_layers is None
+    assert [a.learning_rate for _, a in stages] == [5e-4, 5e-4]  # flags override every stage
+    assert stages[0][1].temperature == 2.0 and stages[1][1].temperature == 1.0
+    report = distill(str(path))
+    assert len(report["stages"]) == 1 and report["student"]["layers"] == 2
+    assert (tmp_path / "out" / "stage-1" / "model.safetensors").is_file()
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_smoke_mode_shrinks_any_recipe(tiny_recipe):
+    ((run, args),) = load_stages(str(tiny_recipe), ["--smoke", "--max_steps", "50"])
+    assert args.max_steps == 2 and run.max_train_samples == 32 and args.save_strategy == "no"
+
+
+def test_frozen_embeddings_stay_fixed(tiny_recipe, tmp_path):
+    from llmkd.pipeline import build_models
+
+    run, args = load_config(str(tiny_recipe), ["--freeze_embeddings"])
+    *_, student, _ = build_models(run, args)
+    assert not student.get_input_embeddings().weight.requires_grad
+    assert student.bert.encoder.layer[0].attention.self.query.weight.requires_grad
