@@ -144,3 +144,18 @@ def test_evaluation_reports_terms_and_agreement(bert_pair, tmp_path):
     clone = copy.deepcopy(teacher)
     twin = make_trainer(teacher, clone, "cls", tmp_path, TERMS["logits"], hard_label_weight=0.0, train=data)
     assert twin.evaluate(eval_dataset=data)["eval_agreement"] == 1.0
+
+
+def test_columns_the_teacher_needs_survive_remove_unused_columns(tmp_path):
+    from conftest import BertForSequenceClassification, bert_config, llama_config, seeded
+    from transformers import LlamaForSequenceClassification, Trainer, TrainingArguments
+
+    teacher = seeded(BertForSequenceClassification, bert_config(), 0)  # takes token_type_ids
+    student = seeded(LlamaForSequenceClassification, llama_config(layers=2, hidden=16, num_labels=2), 1)  # does not
+    data = classification_dataset(8)
+    trainer = make_trainer(teacher, student, "cls", tmp_path, TERMS["logits"], train=data, max_steps=1)
+    assert "token_type_ids" in trainer._remove_unused_columns(data).column_names
+    trainer.train()
+    # control: the plain Trainer, which only looks at the student's forward, drops the column
+    plain = Trainer(model=student, args=TrainingArguments(output_dir=str(tmp_path / "p"), report_to="none"))
+    assert "token_type_ids" not in plain._remove_unused_columns(data).column_names
