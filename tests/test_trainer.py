@@ -151,7 +151,9 @@ def test_columns_the_teacher_needs_survive_remove_unused_columns(tmp_path):
     from transformers import LlamaForSequenceClassification, Trainer, TrainingArguments
 
     teacher = seeded(BertForSequenceClassification, bert_config(), 0)  # takes token_type_ids
-    student = seeded(LlamaForSequenceClassification, llama_config(layers=2, hidden=16, num_labels=2), 1)  # does not
+    student = seeded(
+        LlamaForSequenceClassification, llama_config(layers=2, hidden=16, num_labels=2), 1
+    )  # does not
     data = classification_dataset(8)
     trainer = make_trainer(teacher, student, "cls", tmp_path, TERMS["logits"], train=data, max_steps=1)
     assert "token_type_ids" in trainer._remove_unused_columns(data).column_names
