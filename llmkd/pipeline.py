@@ -10,6 +10,7 @@ import numpy as np
 from sklearn.metrics import accuracy_score
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, set_seed
 
+from llmkd import glue
 from llmkd.alignment import SEQ_CLS
 from llmkd.data import collator_for, load_raw, tokenize
 from llmkd.models import describe, detect_task, load_model, student_from_config, student_from_teacher
@@ -53,17 +54,38 @@ def build_models(run, args):
     return task, teacher, teacher_tok, student, student_tok
 
 
-def build_data(run, task: str, tokenizer, label_names=None) -> dict:
-    raw = load_raw(run.train_file, run.validation_file, run.dataset_name, run.dataset_config)
-    limits = {"train": run.max_train_samples, "validation": run.max_eval_samples}
-    out = {}
+def build_data(run, task: str, tokenizer, model_config=None) -> tuple:
+    """(train, eval) tokenised; eval is a Dataset, a {split: Dataset} dict (MNLI) or None.
+
+    With `glue_task`, columns and classes come from the GLUE table and the data from the Hub or `data_dir`;
+    the labels are checked against the model's id2label (and remapped when only the order differs).
+    """
+    if run.glue_task:
+        glue_task = glue.get_task(run.glue_task)
+        raw = glue.load_glue(glue_task, data_dir=run.data_dir)
+        mapping = glue.align_labels(glue_task, model_config) if model_config is not None else None
+        raw = {split: glue.remap_dataset_labels(data, mapping) for split, data in raw.items()}
+        columns, names = list(glue_task.text_columns), None
+    else:
+        raw = load_raw(run.train_file, run.validation_file, run.dataset_name, run.dataset_config)
+        columns, names = run.text_columns, _label_names(model_config) if model_config is not None else None
+    encoded = {}
     for split, data in raw.items():
-        if limits.get(split):
-            data = data.select(range(min(limits[split], len(data))))
-        out[split] = tokenize(
-            data, tokenizer, task, run.text_columns, run.label_column, run.max_length, label_names
-        )
-    return out
+        limit = run.max_train_samples if split == "train" else run.max_eval_samples
+        if limit:
+            data = data.select(range(min(limit, len(data))))
+        encoded[split] = tokenize(data, tokenizer, task, columns, run.label_column, run.max_length, names)
+    train = encoded.pop("train")
+    if len(encoded) > 1:
+        return train, encoded
+    return train, next(iter(encoded.values()), None)
+
+
+def metrics_for(run, task: str, model_config):
+    """GLUE metrics for a GLUE task, accuracy for other classifiers, nothing for LMs and regression."""
+    if run.glue_task:
+        return glue.make_compute_metrics(run.glue_task)
+    return accuracy if task == SEQ_CLS and model_config.num_labels > 1 else None
 
 
 def distill(config_path: str, overrides: list[str] = ()) -> dict:
@@ -76,66 +98,65 @@ def distill_stage(run, args) -> dict:
     """One distillation from parsed configs; the report is also written to args.output_dir."""
     set_seed(args.seed)
     task, teacher, teacher_tok, student, student_tok = build_models(run, args)
-    names = _label_names(teacher.config) if task == SEQ_CLS else None
-    data = build_data(run, task, student_tok, names)
+    train, evaluation = build_data(run, task, student_tok, teacher.config if task == SEQ_CLS else None)
     trainer = DistillationTrainer(
         model=student,
         teacher=teacher,
         args=args,
-        train_dataset=data["train"],
-        eval_dataset=data.get("validation"),
+        train_dataset=train,
+        eval_dataset=evaluation,
         data_collator=collator_for(task, student_tok),
         processing_class=student_tok,
         teacher_processing_class=teacher_tok,
-        compute_metrics=accuracy if task == SEQ_CLS and not trainer_regression(teacher) else None,
+        compute_metrics=metrics_for(run, task, teacher.config),
     )
-    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    trainer.save_model()
     report = {
         "teacher": run.teacher,
         "task": task,
-        "train": result.metrics,
         "student": describe(student),
         "teacher_size": describe(teacher),
     }
-    if "validation" in data:
-        report["eval"] = trainer.evaluate()
-    if trainer.is_world_process_zero():
-        write_json(os.path.join(args.output_dir, REPORT), report)
-    return report
+    return train_and_report(trainer, args, report)
 
 
 def finetune(config_path: str, overrides: list[str] = ()) -> dict:
     """Fine-tunes a sequence classifier (e.g. a teacher) with the plain `transformers.Trainer`."""
     run, args = load_config(config_path, list(overrides), *FINETUNE)
     set_seed(args.seed)
-    names = list(run.class_names)
+    names = list(run.class_names or glue.get_task(run.glue_task).label_names)
+    labels = (
+        {"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}} if names else {}
+    )
     model = AutoModelForSequenceClassification.from_pretrained(
         run.model,
         revision=run.revision,
         trust_remote_code=run.trust_remote_code,
-        num_labels=len(names),
-        id2label=dict(enumerate(names)),
-        label2id={n: i for i, n in enumerate(names)},
+        num_labels=max(len(names), 1),  # no class names: one regression score (STS-B)
+        **labels,
         **({"attn_implementation": run.attn_implementation} if run.attn_implementation else {}),
     )
     tokenizer = AutoTokenizer.from_pretrained(
         run.model, revision=run.revision, trust_remote_code=run.trust_remote_code
     )
-    data = build_data(run, SEQ_CLS, tokenizer, names)
+    train, evaluation = build_data(run, SEQ_CLS, tokenizer, model.config)
     trainer = Trainer(
         model=model,
         args=args,
-        train_dataset=data["train"],
-        eval_dataset=data.get("validation"),
+        train_dataset=train,
+        eval_dataset=evaluation,
         data_collator=collator_for(SEQ_CLS, tokenizer),
         processing_class=tokenizer,
-        compute_metrics=accuracy if len(names) > 1 else None,
+        compute_metrics=metrics_for(run, SEQ_CLS, model.config),
     )
+    return train_and_report(trainer, args, {"model": run.model, "size": describe(model)})
+
+
+def train_and_report(trainer, args, report: dict) -> dict:
+    """Train (resuming if asked), save the plain model, evaluate, and write llmkd_report.json atomically."""
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model()
-    report = {"model": run.model, "train": result.metrics, "size": describe(model)}
-    if "validation" in data:
+    report["train"] = result.metrics | {"world_size": args.world_size}
+    if trainer.eval_dataset is not None:
         report["eval"] = trainer.evaluate()
     if trainer.is_world_process_zero():
         write_json(os.path.join(args.output_dir, REPORT), report)
@@ -147,10 +168,6 @@ def accuracy(prediction) -> dict:
         prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
     )
     return {"accuracy": float(accuracy_score(prediction.label_ids, np.argmax(logits, axis=-1)))}
-
-
-def trainer_regression(model) -> bool:
-    return model.config.num_labels == 1
 
 
 def _label_names(config) -> list[str] | None:

@@ -13,6 +13,7 @@ from transformers import TrainingArguments
 
 from llmkd.alignment import CAUSAL_LM, SEQ_CLS
 from llmkd.config import DistillationConfig
+from llmkd.glue import GLUE_TASKS
 
 NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
@@ -30,7 +31,12 @@ class DataConfig:
     train_file: str | None = _help("csv/tsv/json/jsonl/parquet training file.")
     validation_file: str | None = _help("Validation file, same format.")
     dataset_name: str | None = _help("A `datasets` name (Hub or local script) instead of files.")
-    dataset_config: str | None = _help("The dataset's configuration name (e.g. a GLUE task).")
+    dataset_config: str | None = _help("The dataset's configuration name.")
+    glue_task: str | None = _help(
+        "A GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli): columns, classes and metrics from "
+        "llmkd.glue; data from the Hub (nyu-mll/glue) or from data_dir."
+    )
+    data_dir: str | None = _help("With glue_task: a folder of local files train.<ext>, validation.<ext>, ...")
     text_columns: list | str = _help("Text column(s); two for sentence pairs.", "text")
     label_column: str | None = _help("Gold label column (classifiers).", "label")
     max_length: int = _help("Truncate inputs to this many tokens (> 0).", 128)
@@ -46,8 +52,12 @@ class DataConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ValueError(f"{name} must be a positive integer or null, got {value!r}")
-        if not (self.train_file or self.dataset_name):
-            raise ValueError("no data: set train_file (csv/tsv/json/jsonl/parquet) or dataset_name")
+        if not (self.train_file or self.dataset_name or self.glue_task):
+            raise ValueError(
+                "no data: set train_file (csv/tsv/json/jsonl/parquet), dataset_name or glue_task"
+            )
+        if self.glue_task is not None and self.glue_task not in GLUE_TASKS:
+            raise ValueError(f"glue_task={self.glue_task!r}: choose one of {sorted(GLUE_TASKS)}")
 
 
 @dataclass
@@ -95,7 +105,7 @@ class FinetuneConfig(DataConfig):
         super().__post_init__()
         if not self.model:
             raise ValueError("no model: set model to a Hub id or a local model directory")
-        if not self.class_names:
+        if not self.class_names and not self.glue_task:
             raise ValueError("class_names must list the classes in label-id order, e.g. [negative, positive]")
 
 

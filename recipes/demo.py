@@ -97,6 +97,7 @@ def evaluate_and_report(out: Path, teacher: Path, students: dict, data_dir: Path
         data_dir=str(data_dir),
         max_eval_samples=32 if smoke else None,
         speed_repeats=2 if smoke else 10,
+        speed_seq_len=32 if smoke else 128,
     )
     results["seed_means"] = {
         method: statistics.mean(results["models"][k]["score"] for k in checkpoints if k.startswith(method))
