@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import classification_dataset, lm_dataset
+from conftest import LlamaForCausalLM, classification_dataset, llama_config, lm_dataset, seeded
 from ddp_worker import train_and_dump
 from safetensors.torch import load_file
 from test_trainer import TERMS, make_trainer
@@ -116,6 +116,9 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "ddp" / "world_size.txt").read_text() == "2"  # two processes really ran
+    start = seeded(LlamaForCausalLM, llama_config(layers=2, hidden=16), 1).state_dict()  # the worker's init
+    moved = load_file(single / "student.safetensors")
+    assert max((moved[k] - start[k]).abs().max().item() for k in start) > 1e-3
     for name in ("student.safetensors", "projectors.safetensors"):
         one, two = load_file(single / name), load_file(tmp_path / "ddp" / name)
         for key in one:
