@@ -24,7 +24,7 @@ test-slow: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m slow
 
 demo: install
-	$(PY) -m llmkd.cli demo
+	$(PY) recipes/demo.py
 
 quality: install
 	$(VENV)/bin/ruff check .
@@ -34,8 +34,9 @@ style: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# The demo with 3 seeds per student method: reuses the demo's teacher and seed-42 students, adds two seeds.
 bench: install
-	$(PY) -m llmkd.cli demo --seeds 3 --out runs/bench
+	$(PY) recipes/demo.py --seeds 3
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

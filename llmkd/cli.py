@@ -12,7 +12,6 @@ COMMANDS = {
     "finetune": "fine-tune a classifier (e.g. a teacher): llmkd finetune RECIPE.yaml [--field value ...]",
     "eval": "evaluate checkpoints on GLUE-format tasks and write the teacher-vs-student report",
     "data": "prepare an offline dataset: llmkd data rotten-tomatoes OUT_DIR",
-    "demo": "the embedded offline demo (real MiniLM weights, real Rotten Tomatoes text)",
 }
 
 
@@ -29,13 +28,9 @@ def _run(command: str, rest: list[str]) -> int:
         from llmkd.evaluation import main as eval_main
 
         return eval_main(rest) or 0
-    if command == "data":
-        from llmkd.assets import main as data_main
+    from llmkd.assets import main as data_main
 
-        return data_main(rest) or 0
-    from llmkd.demo import main as demo_main
-
-    return demo_main(rest) or 0
+    return data_main(rest) or 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,10 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "command", choices=sorted(COMMANDS), help="; ".join(f"{k}: {v}" for k, v in COMMANDS.items())
     )
-    known, rest = parser.parse_known_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in COMMANDS:
+        parser.parse_args(argv)  # prints help or the usage error and exits
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return _run(known.command, rest)
+        return _run(argv[0], argv[1:])  # `llmkd eval --help` reaches the sub-command's own parser
     except (ValueError, FileNotFoundError) as err:
         # Bad input: one clear line, no traceback (bugs still raise everything else).
         print(f"llmkd: error: {err}", file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 from datasets import Dataset, DatasetDict, load_dataset
 from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding
@@ -21,16 +22,22 @@ def load_raw(train_file=None, validation_file=None, dataset_name=None, dataset_c
         return DatasetDict({k: v for k, v in data.items() if k in ("train", "validation")})
     if not train_file:
         raise ValueError("no data: set train_file (csv/tsv/json/jsonl/parquet) or dataset_name")
-    files = {"train": train_file} | ({"validation": validation_file} if validation_file else {})
-    for split, path in files.items():
+    return read_files({"train": train_file} | ({"validation": validation_file} if validation_file else {}))
+
+
+def read_files(data_files: Mapping[str, str]) -> DatasetDict:
+    """{split: path} of csv/tsv/json/jsonl/parquet files (formats may differ by split) as a DatasetDict."""
+    out = {}
+    for split, path in data_files.items():
+        suffix = os.path.splitext(path)[1].lower()
+        if suffix not in FORMATS:
+            raise ValueError(f"{split} file {path!r}: use one of {sorted(FORMATS)}")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{split} file {path!r} does not exist")
-    suffixes = {os.path.splitext(p)[1].lower() for p in files.values()}
-    if len(suffixes) != 1 or next(iter(suffixes)) not in FORMATS:
-        raise ValueError(f"data files {list(files.values())}: use one format of {sorted(FORMATS)}")
-    suffix = suffixes.pop()
-    kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
-    return load_dataset(FORMATS[suffix], data_files=files, **kwargs)
+        # GLUE's .tsv files are not quoted: a sentence may start with a quote character (quoting=3 = QUOTE_NONE).
+        kwargs = {"delimiter": "\t", "quoting": 3} if suffix == ".tsv" else {}
+        out[split] = load_dataset(FORMATS[suffix], data_files={split: path}, split=split, **kwargs)
+    return DatasetDict(out)
 
 
 def tokenize(

@@ -18,6 +18,8 @@ from datasets import Dataset, DatasetDict, load_dataset
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
+from llmkd.data import FORMATS, read_files
+
 logger = logging.getLogger(__name__)
 
 HUB_DATASET = "nyu-mll/glue"
@@ -143,8 +145,6 @@ def make_compute_metrics(task: str | GlueTask) -> Callable:
 
 # ------------------------------------------------------------------------------------------------- data
 
-FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-
 
 def find_split_files(data_dir: str, splits: Sequence[str]) -> dict[str, str]:
     """`<data_dir>/<split>.<ext>` for each split, in any one supported format."""
@@ -158,20 +158,6 @@ def find_split_files(data_dir: str, splits: Sequence[str]) -> dict[str, str]:
             )
         files[split] = found[0]
     return files
-
-
-def _read_files(data_files: Mapping[str, str]) -> DatasetDict:
-    out = {}
-    for split, path in data_files.items():
-        suffix = os.path.splitext(path)[1].lower()
-        if suffix not in FORMATS:
-            raise ValueError(f"{split} file {path!r}: use one of {sorted(FORMATS)}")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{split} file {path!r} does not exist")
-        # GLUE's .tsv files are not quoted: a sentence may start with a quote character (quoting=3 = QUOTE_NONE).
-        kwargs = {"delimiter": "\t", "quoting": 3} if suffix == ".tsv" else {}
-        out[split] = load_dataset(FORMATS[suffix], data_files={split: path}, split=split, **kwargs)
-    return DatasetDict(out)
 
 
 def _label_key(name) -> str:
@@ -228,9 +214,9 @@ def load_glue(
         missing = [s for s in splits if s not in data_files]
         if missing:
             raise ValueError(f"data_files has {sorted(data_files)} but not the splits {missing}")
-        raw = _read_files({s: data_files[s] for s in splits})
+        raw = read_files({s: data_files[s] for s in splits})
     elif data_dir is not None:
-        raw = _read_files(find_split_files(data_dir, splits))
+        raw = read_files(find_split_files(data_dir, splits))
     else:
         hub = load_dataset(HUB_DATASET, task.name)
         raw = DatasetDict({s: hub[s] for s in splits})

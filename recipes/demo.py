@@ -21,7 +21,7 @@ from pathlib import Path
 
 from llmkd.assets import minilm_path, prepare_rotten_tomatoes
 from llmkd.evaluation import evaluate_checkpoints, write_report
-from llmkd.pipeline import REPORT, distill, finetune
+from llmkd.pipeline import REPORT, distill, finetune, write_json
 
 RECIPES = Path(__file__).resolve().parent / "demo"
 SMOKE = [
@@ -99,13 +99,45 @@ def evaluate_and_report(out: Path, teacher: Path, students: dict, data_dir: Path
         speed_repeats=2 if smoke else 10,
         speed_seq_len=32 if smoke else 128,
     )
-    results["seed_means"] = {
-        method: statistics.mean(results["models"][k]["score"] for k in checkpoints if k.startswith(method))
-        for method in students
-    }
-    return write_report(
-        results, str(out), title="llmkd demo: MiniLM teacher vs 2-layer students, Rotten Tomatoes"
-    )
+    title = "llmkd demo: MiniLM teacher vs 2-layer students, Rotten Tomatoes"
+    table = write_report(results, str(out), title=title)
+    summary = summarise(results, students)
+    write_json(str(out / "summary.json"), summary)
+    return table + "\n" + summary_markdown(summary)
+
+
+def summarise(results: dict, students: dict) -> dict:
+    """Mean (and sample SD) over seeds of each student method: accuracy, % of teacher, agreement, speed-up."""
+    models = results["models"]
+    teacher = models["teacher"]["score"]
+    out = {"teacher_accuracy": teacher, "methods": {}}
+    for method in students:
+        runs = [m for name, m in models.items() if name.startswith(method)]
+        scores = [m["score"] for m in runs]
+        out["methods"][method] = {
+            "seeds": len(runs),
+            "accuracy_mean": statistics.mean(scores),
+            "accuracy_sd": statistics.stdev(scores) if len(scores) > 1 else 0.0,
+            "pct_of_teacher": 100 * statistics.mean(scores) / teacher,
+            "agreement_mean": statistics.mean(m["mean_agreement"] for m in runs),
+            "speedup_mean": statistics.mean(m["speedup"] for m in runs),
+        }
+    return out
+
+
+def summary_markdown(summary: dict) -> str:
+    lines = [
+        f"Mean over seeds (teacher accuracy {100 * summary['teacher_accuracy']:.1f}):",
+        "",
+        "| student | seeds | accuracy | % of teacher | agreement | throughput speed-up |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for method, m in summary["methods"].items():
+        lines.append(
+            f"| {method} | {m['seeds']} | {100 * m['accuracy_mean']:.1f} ± {100 * m['accuracy_sd']:.1f} | "
+            f"{m['pct_of_teacher']:.1f}% | {m['agreement_mean']:.3f} | ×{m['speedup_mean']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
