@@ -20,12 +20,12 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from llmkd import alignment as A
 from llmkd.config import DistillationConfig
 from llmkd.losses import LOSSES, SOFT_TARGET_LOSSES, masked_mean
+from llmkd.placement import place_teacher
 
 logger = logging.getLogger(__name__)
 
 PROJECTORS_FILE = "llmkd_projectors.safetensors"
 COUNT_KINDS = ("examples", "tokens", "targets")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class DistillationTrainer(Trainer):
@@ -56,8 +56,13 @@ class DistillationTrainer(Trainer):
                 f"{self.args.n_gpu} GPUs in one process (DataParallel) are not supported; start one process per "
                 "GPU with `accelerate launch` or `torchrun`"
             )
-        self.teacher = self._prepare_teacher(teacher)
+        self.teacher = place_teacher(teacher, self.accelerator, self.args)
         self.projectors = A.build_projectors(self.terms, model, teacher).to(self.args.device)
+        if len(self.projectors) and self.is_deepspeed_enabled:
+            raise ValueError(
+                "hidden terms between different widths learn a projector, which DeepSpeed's optimizer does not "
+                "see; use a student of the teacher's width, drop the hidden term, or train with DDP/FSDP"
+            )
         self._sync_projector_grads_under_ddp()
         self.add_callback(_ZeroProjectorGrads(self.projectors))
         self._student_keys = _forward_keys(model)
@@ -116,16 +121,6 @@ class DistillationTrainer(Trainer):
                 f"hard_label_weight={args.hard_label_weight} needs a 'label' column, but the training data "
                 f"has only {columns}; add labels or set hard_label_weight=0 to distil from the teacher alone"
             )
-
-    def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            raise ValueError(
-                "DeepSpeed/FSDP teacher placement is not supported yet; use DDP (accelerate --multi_gpu)"
-            )
-        teacher.requires_grad_(False)
-        teacher.eval()
-        dtype = DTYPES.get(self.args.teacher_dtype)
-        return teacher.to(device=self.args.device, dtype=dtype) if dtype else teacher.to(self.args.device)
 
     def _sync_projector_grads_under_ddp(self) -> None:
         # Projectors live outside the DDP-wrapped student, so their gradients are averaged here, once per
