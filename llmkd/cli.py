@@ -12,6 +12,7 @@ COMMANDS = {
     "finetune": "fine-tune a classifier (e.g. a teacher): llmkd finetune RECIPE.yaml [--field value ...]",
     "eval": "evaluate checkpoints on GLUE-format tasks and write the teacher-vs-student report",
     "data": "prepare an offline dataset: llmkd data rotten-tomatoes OUT_DIR",
+    "generate": "synthesise a transfer set from the teacher: llmkd generate RECIPE.yaml [--field value ...]",
 }
 
 
@@ -23,6 +24,13 @@ def _run(command: str, rest: list[str]) -> int:
             raise ValueError(f"usage: llmkd {command} RECIPE.yaml [--field value ...]")
         report = getattr(pipeline, command)(rest[0], rest[1:])
         print(json.dumps(report.get("eval", report["train"]), indent=2, default=str))
+        return 0
+    if command == "generate":
+        from llmkd.generate import generate
+
+        if not rest or rest[0].startswith("--"):
+            raise ValueError("usage: llmkd generate RECIPE.yaml [--field value ...]")
+        print(generate(rest[0], rest[1:]))
         return 0
     if command == "eval":
         from llmkd.evaluation import main as eval_main

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from datasets import Dataset, DatasetDict, load_dataset
+from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding
 
 from llmkd.alignment import CAUSAL_LM
@@ -26,9 +26,12 @@ def load_raw(train_file=None, validation_file=None, dataset_name=None, dataset_c
 
 
 def read_files(data_files: Mapping[str, str]) -> DatasetDict:
-    """{split: path} of csv/tsv/json/jsonl/parquet files (formats may differ by split) as a DatasetDict."""
+    """{split: path} of csv/tsv/json/jsonl/parquet files or saved datasets (folders) as a DatasetDict."""
     out = {}
     for split, path in data_files.items():
+        if os.path.isdir(path):  # a dataset saved with save_to_disk, e.g. by `llmkd generate`
+            out[split] = load_from_disk(path)
+            continue
         suffix = os.path.splitext(path)[1].lower()
         if suffix not in FORMATS:
             raise ValueError(f"{split} file {path!r}: use one of {sorted(FORMATS)}")

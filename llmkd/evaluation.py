@@ -11,15 +11,15 @@ import json
 import math
 import os
 import statistics
-import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
+from llmkd.atomic import atomic_write
 from llmkd.glue import (
     GLUE_TASKS,
     DataSource,
@@ -270,19 +270,6 @@ def markdown_table(results: dict, title: str) -> str:
     return f"# {title}\n\n{table}\n\n" + "\n".join(notes) + "\n"
 
 
-def _atomic_write(path: str, write: Callable, mode: str = "w") -> None:
-    """Writes through a temporary file in the same directory, then renames: no half-written reports."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-    try:
-        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as handle:
-            write(handle)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _finite(value):
     """NaN/inf (e.g. a correlation of constant predictions) become null: JSON has no NaN."""
     if isinstance(value, dict):
@@ -327,12 +314,10 @@ def write_report(results: dict, out_dir: str, title: str = "llmkd evaluation") -
     """Writes report.md, report.json and score_vs_speedup.png into out_dir; returns the Markdown."""
     os.makedirs(out_dir, exist_ok=True)
     markdown = markdown_table(results, title)
-    _atomic_write(os.path.join(out_dir, "report.md"), lambda h: h.write(markdown))
+    atomic_write(os.path.join(out_dir, "report.md"), lambda h: h.write(markdown))
     payload = _finite({"title": title, **results})
-    _atomic_write(
-        os.path.join(out_dir, "report.json"), lambda h: json.dump(payload, h, indent=2, default=str)
-    )
-    _atomic_write(
+    atomic_write(os.path.join(out_dir, "report.json"), lambda h: json.dump(payload, h, indent=2, default=str))
+    atomic_write(
         os.path.join(out_dir, "score_vs_speedup.png"),
         lambda h: plot_score_vs_speedup(results, h, title),
         "wb",

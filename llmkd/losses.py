@@ -398,3 +398,14 @@ def get_loss(knowledge: str, name: str) -> Callable[..., Tensor]:
     if name not in LOSSES[knowledge]:
         raise ValueError(f"unknown {knowledge} loss {name!r}; choose one of {', '.join(LOSSES[knowledge])}")
     return LOSSES[knowledge][name]
+
+
+# memory-bounded variants -------------------------------------
+def __getattr__(name: str):
+    # Re-exported lazily (PEP 562): llmkd.chunked imports this module, so an eager import here would fail
+    # whenever llmkd.chunked is the first of the two to be imported.
+    if name in ("chunked_logit_loss", "fused_logit_distillation"):
+        from llmkd import chunked
+
+        return getattr(chunked, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
@@ -12,6 +11,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trai
 
 from llmkd import glue
 from llmkd.alignment import SEQ_CLS
+from llmkd.atomic import write_json
 from llmkd.data import collator_for, load_raw, tokenize
 from llmkd.models import describe, detect_task, load_model, student_from_config, student_from_teacher
 from llmkd.recipe import FINETUNE, load_config, load_stages
@@ -173,11 +173,3 @@ def accuracy(prediction) -> dict:
 def _label_names(config) -> list[str] | None:
     names = [config.id2label[i] for i in range(config.num_labels)] if config.id2label else None
     return None if names is None or all(n == f"LABEL_{i}" for i, n in enumerate(names)) else names
-
-
-def write_json(path: str, payload: dict) -> None:
-    """Atomic: write a temporary file, then rename it over the target."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2, default=str)
-    os.replace(path + ".tmp", path)

@@ -1,0 +1,233 @@
+"""Resumable synthesis output: JSONL shards, progress.json, then an Arrow dataset and provenance.json.
+
+Layout of output_dir:
+  progress.json        the run's settings fingerprint and the shards written so far (rewritten atomically)
+  shard-00000.jsonl    rows of sample indices [0, shard_size), shard-00001.jsonl the next range, ...
+  dataset/             the final `datasets` dataset (`datasets.load_from_disk`)
+  provenance.json      who generated it, how, with what budgets and filter statistics
+
+A shard is written to a temporary file and renamed, and only then recorded in progress.json; a run killed in
+between rewrites the same shard (same sample indices, same per-sample seeds, same rows), so nothing is ever
+duplicated or skipped."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import shutil
+import time
+
+import datasets
+import torch
+import transformers
+from tqdm.auto import tqdm
+
+from llmkd import __version__
+from llmkd.atomic import write_json
+from llmkd.synthesis.common import SEEDING
+
+logger = logging.getLogger(__name__)
+PROGRESS = "progress.json"
+PROVENANCE = "provenance.json"
+DATASET = "dataset"
+
+
+def shard_path(output_dir: str, index: int) -> str:
+    return os.path.join(output_dir, f"shard-{index:05d}.jsonl")
+
+
+def open_run(output_dir: str, fingerprint: dict) -> dict:
+    """The saved progress of output_dir, or a fresh one; refuses a folder written with other settings."""
+    fingerprint = json.loads(json.dumps(fingerprint, default=str))  # as it reads back
+    path = os.path.join(output_dir, PROGRESS)
+    if not os.path.exists(path):
+        if os.path.isdir(output_dir) and any(n.startswith("shard-") for n in os.listdir(output_dir)):
+            raise ValueError(
+                f"{output_dir} has shard files but no {PROGRESS}; it was not written by this run. "
+                "Use an empty output_dir"
+            )
+        progress = {"fingerprint": fingerprint, "shards": [], "rows": 0, "tokens": 0, "complete": False}
+        progress["started_at"] = _now()
+        write_json(path, progress)
+        return progress
+    with open(path, encoding="utf-8") as handle:
+        progress = json.load(handle)
+    differing = differing_keys(progress["fingerprint"], fingerprint)
+    if differing:
+        details = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, a, b in differing)
+        raise ValueError(
+            f"cannot resume into {output_dir}: its run used different settings ({details}). "
+            "Use the saved settings to resume, or a new output_dir"
+        )
+    return progress
+
+
+def differing_keys(saved: dict, current: dict) -> list[tuple[str, object, object]]:
+    """(dotted key, saved value, current value) for every setting that differs."""
+    flat_saved, flat_current = _flatten(saved), _flatten(current)
+    keys = sorted(set(flat_saved) | set(flat_current))
+    return [
+        (k, flat_saved.get(k), flat_current.get(k)) for k in keys if flat_saved.get(k) != flat_current.get(k)
+    ]
+
+
+def _flatten(mapping: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def run_shards(
+    output_dir: str,
+    fingerprint: dict,
+    produce,
+    *,
+    shard_size: int,
+    num_samples: int | None = None,
+    max_total_tokens: int | None = None,
+    row_tokens=None,
+    progress_bar: bool = True,
+    desc: str = "synthesis",
+) -> dict:
+    """Writes shard after shard until a budget is met, skipping shards already written; returns progress.
+
+    produce(indices) yields batches: lists of row dicts, one per sample index, in index order. With
+    max_total_tokens, rows are kept in index order while their `row_tokens` fit the budget; the first row
+    that does not fit ends the run (it is not truncated)."""
+    if num_samples is None and max_total_tokens is None:
+        raise ValueError("no budget: set num_samples, max_total_tokens or both")
+    progress = open_run(output_dir, fingerprint)
+    counter = row_tokens or (lambda row: 0)
+    bar = tqdm(
+        total=num_samples, initial=progress["rows"], unit="sample", desc=desc, disable=not progress_bar
+    )
+    meter = {"start": time.perf_counter(), "rows": 0, "tokens": 0}
+    try:
+        while not progress["complete"]:
+            index = len(progress["shards"])
+            first = index * shard_size
+            last = first + shard_size if num_samples is None else min(first + shard_size, num_samples)
+            budget = None if max_total_tokens is None else max_total_tokens - progress["tokens"]
+            rows, tokens, exhausted = _fill_shard(produce(range(first, last)), budget, counter, bar, meter)
+            _write_shard(output_dir, index, rows)
+            progress["shards"].append({"index": index, "first": first, "rows": len(rows), "tokens": tokens})
+            progress["rows"] += len(rows)
+            progress["tokens"] += tokens
+            progress["complete"] = exhausted or last == num_samples
+            write_json(os.path.join(output_dir, PROGRESS), progress | {"updated_at": _now()})
+    finally:
+        bar.close()
+    return progress
+
+
+def _fill_shard(batches, budget, counter, bar, meter) -> tuple[list[dict], int, bool]:
+    rows, tokens, exhausted = [], 0, False
+    for batch in batches:
+        for row in batch:
+            needed = counter(row)
+            if budget is not None and tokens + needed > budget:
+                exhausted = True
+                break
+            rows.append(row)
+            tokens += needed
+        _tick(bar, meter, len(batch), sum(counter(r) for r in batch))
+        # Every row has at least one token, so a spent budget cannot take another row.
+        if exhausted or (budget is not None and tokens >= budget):
+            return rows, tokens, True
+    return rows, tokens, False
+
+
+def _tick(bar, meter, rows: int, tokens: int) -> None:
+    meter["rows"] += rows
+    meter["tokens"] += tokens
+    elapsed = max(time.perf_counter() - meter["start"], 1e-9)
+    bar.update(rows)
+    bar.set_postfix(
+        samples_per_s=f"{meter['rows'] / elapsed:.2f}", tokens_per_s=f"{meter['tokens'] / elapsed:.1f}"
+    )
+
+
+def _write_shard(output_dir: str, index: int, rows: list[dict]) -> None:
+    path = shard_path(output_dir, index)
+    with open(path + ".tmp", "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+    os.replace(path + ".tmp", path)
+
+
+def read_rows(output_dir: str, progress: dict) -> list[dict]:
+    """Every row of the recorded shards, in sample-index order; a damaged folder fails loudly."""
+    rows = []
+    for shard in progress["shards"]:
+        with open(shard_path(output_dir, shard["index"]), encoding="utf-8") as handle:
+            shard_rows = [json.loads(line) for line in handle if line.strip()]
+        if len(shard_rows) != shard["rows"]:
+            raise ValueError(
+                f"{shard_path(output_dir, shard['index'])} has {len(shard_rows)} rows, progress.json says "
+                f"{shard['rows']}; the folder was modified, start again in a new output_dir"
+            )
+        rows.extend(shard_rows)
+    indices = [row["sample_index"] for row in rows]
+    if any(b <= a for a, b in zip(indices, indices[1:])):
+        raise ValueError(
+            f"sample indices in {output_dir} are not strictly increasing: duplicated or reordered rows"
+        )
+    return rows
+
+
+def finished_dataset(output_dir: str, progress: dict):
+    """The saved dataset of a run that already completed, else None."""
+    path = os.path.join(output_dir, DATASET)
+    if progress.get("saved") and os.path.isdir(path):
+        logger.info("%s is complete; loading the saved dataset", output_dir)
+        return datasets.load_from_disk(path)
+    return None
+
+
+def save_dataset(output_dir: str, dataset, provenance: dict, progress: dict):
+    """Saves the Arrow dataset and provenance.json, marks the run saved, and returns the loaded dataset."""
+    if len(dataset) == 0:
+        raise ValueError(
+            f"no rows to save in {output_dir} (statistics: {provenance.get('filter_stats')}); raise the budget "
+            "or loosen the filters"
+        )
+    path = os.path.join(output_dir, DATASET)
+    staging = path + ".tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    dataset.save_to_disk(staging)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(staging, path)
+    provenance = provenance | {"num_rows": len(dataset), "dataset_path": path}
+    write_json(os.path.join(output_dir, PROVENANCE), provenance)
+    progress["saved"] = True
+    write_json(os.path.join(output_dir, PROGRESS), progress | {"updated_at": _now()})
+    return datasets.load_from_disk(path)
+
+
+def provenance(method: str, config, models: dict, **extra) -> dict:
+    """The provenance record: what made the data, with which settings, versions and seeding scheme."""
+    return {
+        "method": method,
+        **models,
+        "config": config.to_dict(),
+        "seed": config.seed,
+        "seeding": SEEDING,
+        "llmkd_version": __version__,
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "datasets": datasets.__version__,
+        },
+        "created_at": _now(),
+        **extra,
+    }
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
