@@ -12,25 +12,25 @@ teacher's), the loss, and backward into h_S and W_S, which is what the trainer p
 - ``fused``: :func:`llmkd.chunked.fused_logit_distillation`, no (N, V) tensor at all.
 
 "Peak extra" is the memory the step adds on top of its inputs (h_S, W_S, h_T, W_T): the logits, the loss's
-temporaries and the gradients. Each case runs in a fresh spawned process. On CUDA it is
-``torch.cuda.max_memory_allocated`` minus the allocation before the step (after one warm-up step); on CPU
+temporaries and the gradients. Each case runs in a fresh spawned process, after a warm-up step on 16
+positions. On CUDA it is ``torch.cuda.max_memory_allocated`` minus the allocation before the step; on CPU
 the growth of the peak resident set size (VmHWM, reset through /proc/self/clear_refs) over the resident
-size before the step. Times are the median of ``--repeats`` forward+backward steps.
+size before the step. Times are the median of ``--repeats`` forward+backward steps (on a shared CPU they
+move with the machine's load; the ratios of one run are side by side). Loss values are compared with the
+naive path's.
 
-Defaults on CPU (2 cores: about 5 minutes) are a smaller grid than on CUDA; a case whose estimated memory
-exceeds ``--memory-budget-gib`` is skipped and marked so in the table rather than run out of memory.
+Defaults on CPU (2 cores: about 5 minutes) are N = 512 in chunks of 128; on CUDA N = 4k-16k in chunks of
+1024. A case whose estimated memory exceeds ``--memory-budget-gib`` is skipped and marked so in the table
+rather than run out of memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import multiprocessing
-import os
 import statistics
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -38,12 +38,15 @@ from concurrent.futures.process import BrokenProcessPool
 import torch
 import torch.nn.functional as F
 
+from llmkd.atomic import write_json
 from llmkd.chunked import chunked_logit_loss, fused_logit_distillation
 
 PATHS = ("naive", "chunked", "fused")
-DEFAULTS = {  # device -> (vocab sizes, positions, losses)
-    "cuda": ((49152, 151936), (4096, 8192, 16384), ("jsd", "forward_kl")),
-    "cpu": ((49152, 151936), (512,), ("jsd", "forward_kl")),
+# device -> grid. The CPU grid is smaller (about 5 minutes on 2 cores) and so are its chunks, so that a case
+# still has 4 of them; on CUDA the chunk is chunked_logit_loss's own default.
+DEFAULTS = {
+    "cuda": {"vocab": [49152, 151936], "positions": [4096, 8192, 16384], "chunk_size": 1024},
+    "cpu": {"vocab": [49152, 151936], "positions": [512], "chunk_size": 128},
 }
 # Live float32 (N, V) tensors at the naive loss's peak besides the two logits, and (chunk, V) ones at the
 # chunked/fused peak, as measured on CPU (V = 8192, N = 4096): the budget check's estimate.
@@ -138,6 +141,8 @@ def _one_step(case: dict, inputs: dict) -> tuple[float, float]:
 
 def measure_case(case: dict) -> dict:
     """Runs one case (in a fresh process): peak extra bytes, median seconds, loss value."""
+    if case["threads"]:
+        torch.set_num_threads(case["threads"])
     cuda = case["device"] == "cuda"
     # Warm-up on 16 positions: on CPU the first call pages in library code, which RSS would count; on
     # CUDA it creates the cuBLAS handles. Small, so no freed block stays cached for the measured steps.
@@ -204,8 +209,19 @@ def _meminfo_kib(field: str) -> int:
     raise OSError(f"{field} not in /proc/meminfo")
 
 
-def _ratio(value, baseline) -> str:
-    return f"{value / baseline:.2f}" if baseline else "n/a"
+def compare_to_naive(rows: list[dict]) -> None:
+    """Adds memory and time ratios and the loss value's relative difference to the naive run of each case."""
+    naive = {_case_key(r): r for r in rows if r["path"] == "naive" and r["status"] == "ok"}
+    for row in rows:
+        base = naive.get(_case_key(row))
+        if row["status"] == "ok" and base is not None:
+            row["memory_vs_naive"] = row["peak_extra_mib"] / base["peak_extra_mib"]
+            row["time_vs_naive"] = row["time_s"] / base["time_s"]
+            row["value_rel_diff"] = abs(row["value"] - base["value"]) / max(abs(base["value"]), 1e-12)
+
+
+def _case_key(row: dict) -> tuple:
+    return row["loss"], row["vocab"], row["positions"]
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -218,27 +234,12 @@ def markdown_table(rows: list[dict]) -> str:
         if row["status"] != "ok":
             lines.append(f"{head} {row['status']} | | | |")
             continue
-        naive = next(
-            (r for r in rows if r["path"] == "naive" and r["status"] == "ok" and _same_case(r, row)), None
-        )
-        mem, secs = row["peak_extra_mib"], row["time_s"]
-        lines.append(
-            f"{head} {mem:.0f} | {_ratio(mem, naive and naive['peak_extra_mib'])} | {secs:.3f} | "
-            f"{_ratio(secs, naive and naive['time_s'])} |"
-        )
+        memory, time_ = (f"{row[k]:.2f}" if k in row else "n/a" for k in ("memory_vs_naive", "time_vs_naive"))
+        lines.append(f"{head} {row['peak_extra_mib']:.0f} | {memory} | {row['time_s']:.3f} | {time_} |")
+    differences = [row["value_rel_diff"] for row in rows if "value_rel_diff" in row]
+    if differences:
+        lines.append(f"\nLoss values vs naive: max relative difference {max(differences):.1e}.")
     return "\n".join(lines)
-
-
-def _same_case(a: dict, b: dict) -> bool:
-    return all(a[k] == b[k] for k in ("loss", "vocab", "positions"))
-
-
-def write_json_atomically(path: str, payload: dict) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False) as handle:
-        json.dump(payload, handle, indent=2)
-    os.replace(handle.name, path)  # readers see the old file or the new one, never half of one
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -250,20 +251,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--positions", type=int, nargs="+", help="N = B·T (default: 512 on CPU, 4k-16k on CUDA)"
     )
-    parser.add_argument("--losses", nargs="+", choices=tuple(NAIVE), help="default: jsd forward_kl")
+    parser.add_argument("--losses", nargs="+", choices=tuple(NAIVE), default=list(NAIVE))
     parser.add_argument("--hidden", type=int, default=576, help="student width (576: SmolLM2-135M)")
     parser.add_argument("--teacher-hidden", type=int, help="teacher width (default: --hidden)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    parser.add_argument("--chunk-size", type=int, default=1024, help="positions per chunk (chunked, fused)")
+    parser.add_argument(
+        "--chunk-size", type=int, help="positions per chunk (default: 128 on CPU, 1024 on CUDA)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="steps per case; the median time is reported")
     parser.add_argument(
         "--memory-budget-gib", type=float, help="skip cases estimated above (default: 80%% free)"
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads per case (default: torch's); 1 on a loaded machine, where synchronising threads "
+        "that wait for a core slows the many small ops of small chunks",
+    )
     parser.add_argument("--out", default="runs/bench/losses.json", help="JSON written atomically")
     args = parser.parse_args(argv)
-    vocab, positions, losses = DEFAULTS[args.device]
-    args.vocab, args.positions = args.vocab or list(vocab), args.positions or list(positions)
-    args.losses = args.losses or list(losses)
+    for key, default in DEFAULTS[args.device].items():
+        setattr(args, key, getattr(args, key) or default)
     args.teacher_hidden = args.teacher_hidden or args.hidden
     if args.repeats < 1 or args.chunk_size < 1:
         parser.error(f"--repeats ({args.repeats}) and --chunk-size ({args.chunk_size}) must be >= 1")
@@ -274,7 +282,8 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     budget = (args.memory_budget_gib or _default_budget_gib(args.device)) * 2**30
     shared = {
-        k: getattr(args, k) for k in ("device", "dtype", "hidden", "teacher_hidden", "chunk_size", "repeats")
+        k: getattr(args, k)
+        for k in ("device", "dtype", "hidden", "teacher_hidden", "chunk_size", "repeats", "threads")
     }
     rows = []
     for loss in args.losses:
@@ -284,13 +293,15 @@ def main(argv=None) -> list[dict]:
                     case = {"loss": loss, "vocab": vocab, "positions": positions, "path": path, **shared}
                     rows.append(run_case(case, budget))
                     print(f"{loss} V={vocab} N={positions} {path}: {rows[-1]['status']}", flush=True)
+    compare_to_naive(rows)
     table = markdown_table(rows)
+    threads = args.threads or torch.get_num_threads()
     print(
-        f"\n{args.device}, {args.dtype}, H={args.hidden}, chunk {args.chunk_size}, torch {torch.__version__}\n"
+        f"\n{args.device}, {args.dtype}, H={args.hidden}, chunk {args.chunk_size}, {threads} threads, torch {torch.__version__}\n"
     )
     print(table)
     payload = {"config": vars(args), "budget_gib": budget / 2**30, "torch": torch.__version__, "rows": rows}
-    write_json_atomically(args.out, {**payload, "table": table})
+    write_json(args.out, {**payload, "table": table})  # atomically: never half a file
     print(f"\nwrote {args.out}")
     return rows
 

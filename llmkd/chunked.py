@@ -262,9 +262,9 @@ def fused_logit_distillation(
     require grad); the teacher side gets none. Per chunk the logit gradient g is contracted at once:
     ∂/∂h_S[chunk] = g W_S and ∂/∂W_S += gᵀ h_S[chunk], ∂/∂b_S += Σ_rows g.
 
-    Memory: no ``(N, V)`` tensor exists. Peak extra ≈ a few ``(chunk_size, V)`` float32 tensors (both
-    chunks' logits, the loss's temporaries and their backward, g: about 10 for forward_kl, 14 for jsd, as
-    measured on CPU; 256 rows at V = 152k is ≈ 2 GB) plus what is saved for backward: the gradients of the
+    Memory: no ``(N, V)`` tensor exists. Peak extra ≈ 10 (forward_kl) to 14 (jsd) ``(chunk_size, V)``
+    float32 tensors, as measured on CPU (both chunks' logits, the loss's temporaries and their backward, g;
+    256 rows at V = 152k is ≈ 2 GB), independent of N, plus what is saved for backward: the gradients of the
     student hidden states ``(N, H_S)`` and head ``(V, H_S)``, and a float32 ``(V, H_S)`` accumulator when
     the head is not float32. Backward scales them in place, so it runs once per forward. Compute is that
     of the plain path (two logit matmuls plus two gradient matmuls); fully masked chunks are skipped.
