@@ -5,14 +5,20 @@ Everything here runs before training so that a mismatched pair fails with a mess
 
 from __future__ import annotations
 
+import inspect
 import logging
+import os
 
 import torch
+from safetensors.torch import load_file, save
 from torch import nn
+from transformers import TrainerCallback
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
 )
+
+from llmkd.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -176,9 +182,67 @@ def check_tokenizers(student_tok, teacher_tok) -> None:
         )
 
 
+def output_head(model: nn.Module) -> nn.Module:
+    return base_model(model).get_output_embeddings()
+
+
+# Heads that do more than h @ W.T + b (soft-capping, scaling): the fused path would compute other logits.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def fused_logits_apply(student: nn.Module, teacher: nn.Module, terms, args) -> bool:
+    """Whether logit terms can be computed from hidden states and lm_head weights (llmkd.chunked)."""
+    if args.hard_label_weight > 0 or not terms or any(t.knowledge != "logits" for t in terms):
+        return False  # the task loss and feature terms need the full outputs anyway
+    for model in (student, teacher):
+        if task_of(model) != CAUSAL_LM or output_head(model) is None:
+            return False
+        if any(getattr(text_config(model), k, None) not in (None, 1.0) for k in LOGIT_TRANSFORMS):
+            return False
+        if "logits_to_keep" not in inspect.signature(base_model(model).forward).parameters:
+            return False
+    return True
+
+
 def check_not_shared(student: nn.Module, teacher: nn.Module) -> None:
     if student is teacher:
         raise ValueError("the teacher is the same object as the student; load or copy a separate teacher")
     student_params = {id(p) for p in student.parameters()}
     if any(id(p) in student_params for p in teacher.parameters()):
         raise ValueError("the teacher shares parameters with the student; give the teacher its own copy")
+
+
+PROJECTORS_FILE = "llmkd_projectors.safetensors"
+
+
+def save_projectors(projectors: nn.ModuleDict, folder: str) -> None:
+    """Beside a checkpoint, never inside the student's weights (the output stays a plain checkpoint)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in projectors.state_dict().items()}
+    atomic_write(os.path.join(folder, PROJECTORS_FILE), lambda handle: handle.write(save(state)), "wb")
+
+
+def load_projectors(projectors: nn.ModuleDict, folder: str, device) -> None:
+    path = os.path.join(folder, PROJECTORS_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: this checkpoint has no projector weights to resume from")
+    projectors.load_state_dict(load_file(path, device=str(device)))
+
+
+class ZeroProjectorGrads(TrainerCallback):
+    """Trainer zeroes only the student's gradients after a step; without this the projectors' would pile up."""
+
+    def __init__(self, projectors: nn.ModuleDict):
+        self.projectors = projectors
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.projectors.zero_grad(set_to_none=True)
+
+
+def forward_keys(model: nn.Module) -> set[str]:
+    """The keyword inputs a model's forward takes (labels excluded: llmkd computes the task loss itself)."""
+    params = inspect.signature(base_model(model).forward).parameters
+    return {k for k, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)} - {"labels"}
+
+
+def select_inputs(inputs: dict, keys: set[str]) -> dict:
+    return {k: v for k, v in inputs.items() if k in keys}

@@ -56,6 +56,17 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input: one clear line, no traceback (bugs still raise everything else).
         print(f"llmkd: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under torchrun/accelerate, ranks leave together: one exiting mid-talk can make gloo abort its peer."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -128,6 +128,18 @@ class DistillationConfig(TrainingArguments):
             "to the shared vocabulary and renormalise (never zero-pad)."
         },
     )
+    fused_logits: bool = field(
+        default=True,
+        metadata={
+            "help": "Causal LMs whose terms are all logit terms (hard_label_weight=0): compute them in training "
+            "from the last hidden states and the lm_head weights, chunk by chunk, never materialising the "
+            "(batch, length, vocab) logits (llmkd.losses.fused_logit_distillation)."
+        },
+    )
+    logit_chunk_size: int = field(
+        default=1024,
+        metadata={"help": "Positions per chunk of the fused logit path (> 0); memory ~ chunk × vocab."},
+    )
     shared_vocab_size: int | None = field(
         default=None,
         metadata={
@@ -145,6 +157,8 @@ class DistillationConfig(TrainingArguments):
             )
         if self.teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(f"teacher_dtype must be one of {TEACHER_DTYPES}, got {self.teacher_dtype!r}")
+        if not isinstance(self.logit_chunk_size, int) or self.logit_chunk_size <= 0:
+            raise ValueError(f"logit_chunk_size must be a positive integer, got {self.logit_chunk_size!r}")
         if self.vocab_mismatch not in VOCAB_MISMATCH:
             raise ValueError(f"vocab_mismatch must be one of {VOCAB_MISMATCH}, got {self.vocab_mismatch!r}")
         if not isinstance(self.terms, (list, tuple)):

@@ -6,25 +6,23 @@ gradient-accumulation window (summed over processes under DDP), so 1×8, 4×2 an
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from llmkd import alignment as A
+from llmkd.chunked import fused_logit_distillation
 from llmkd.config import DistillationConfig
 from llmkd.losses import LOSSES, SOFT_TARGET_LOSSES, masked_mean
 from llmkd.placement import place_teacher
 
 logger = logging.getLogger(__name__)
 
-PROJECTORS_FILE = "llmkd_projectors.safetensors"
 COUNT_KINDS = ("examples", "tokens", "targets")
 
 
@@ -64,9 +62,9 @@ class DistillationTrainer(Trainer):
                 "see; use a student of the teacher's width, drop the hidden term, or train with DDP/FSDP"
             )
         self._sync_projector_grads_under_ddp()
-        self.add_callback(_ZeroProjectorGrads(self.projectors))
-        self._student_keys = _forward_keys(model)
-        self._teacher_keys = _forward_keys(teacher)
+        self.add_callback(A.ZeroProjectorGrads(self.projectors))
+        self._student_keys = A.forward_keys(model)
+        self._teacher_keys = A.forward_keys(teacher)
         self._term_logs: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
 
     # ---- set-up and checks (all before training) -------------------------------------------------
@@ -105,6 +103,7 @@ class DistillationTrainer(Trainer):
         }
         self.need_hidden = bool(knowledge & {"hidden", "relation"})
         self.need_attentions = "attention" in knowledge
+        self.fused = args.fused_logits and A.fused_logits_apply(student, teacher, self.terms, args)
 
     def _check_datasets(self, args, train_dataset, eval_dataset) -> None:
         for split, data in (("train", train_dataset), ("eval", eval_dataset)):
@@ -140,7 +139,7 @@ class DistillationTrainer(Trainer):
         # remove_unused_columns must keep what the teacher's forward takes (e.g. token_type_ids).
         if self._signature_columns is None:
             super()._set_signature_columns_if_needed()
-            extra = [k for k in _forward_keys(self.teacher) if k not in self._signature_columns]
+            extra = [k for k in A.forward_keys(self.teacher) if k not in self._signature_columns]
             self._signature_columns += extra
 
     def create_optimizer(self, model=None):
@@ -196,7 +195,9 @@ class DistillationTrainer(Trainer):
         if not isinstance(counts, dict):
             counts = self._get_num_items_in_batch([inputs], self.args.device)
         flags = {"output_hidden_states": self.need_hidden, "output_attentions": self.need_attentions}
-        student_out = model(**_select(inputs, self._student_keys), **flags)
+        if self.fused and model.training:  # logits come from hidden states in chunks: skip the (B, T, V) ones
+            flags = {"output_hidden_states": True, "logits_to_keep": 1}
+        student_out = model(**A.select_inputs(inputs, self._student_keys), **flags)
         teacher_out = None
         if self.terms or not model.training:  # a task-loss-only baseline skips the teacher while training
             teacher_out = self._teacher_forward(inputs, flags)
@@ -214,15 +215,19 @@ class DistillationTrainer(Trainer):
         if self.teacher.training:  # whoever flipped it, the teacher runs in eval mode (no dropout)
             self.teacher.eval()
         with torch.no_grad():
-            return self.teacher(**_select(inputs, self._teacher_keys), **flags)
+            return self.teacher(**A.select_inputs(inputs, self._teacher_keys), **flags)
 
     def _mix(self, student_out, teacher_out, inputs, counts, local):
         """Σ weight · term (+ hard_label_weight · task loss); returns the loss and per-term local means."""
         loss = student_out.logits.new_zeros((), dtype=torch.float32)
         logs = {}
+        fused = self.fused and student_out.logits.shape[1] == 1 < inputs["input_ids"].shape[1]
         for i, term in enumerate(self.terms):
-            values, mask, kind = self._term_values(i, term, student_out, teacher_out, inputs)
-            value = masked_mean(values, mask, num_items=counts[kind])
+            if fused:
+                value, kind = self._fused_value(term, student_out, teacher_out, inputs, counts), "targets"
+            else:
+                values, mask, kind = self._term_values(i, term, student_out, teacher_out, inputs)
+                value = masked_mean(values, mask, num_items=counts[kind])
             if term.knowledge == "logits" and term.loss in SOFT_TARGET_LOSSES:
                 value = value * self.args.temperature**2  # soft-target gradients scale as 1/T² (Hinton)
             loss = loss + term.weight * value
@@ -233,6 +238,29 @@ class DistillationTrainer(Trainer):
             loss = loss + self.args.hard_label_weight * value
             logs["loss_ce"] = value.detach() * counts[kind] / local[kind].clamp(min=1)
         return loss, logs
+
+    def _fused_value(self, term, student_out, teacher_out, inputs, counts):
+        """A logit term from the last hidden states and the lm_heads: same value and gradient, no full logits."""
+        h_s, h_t = (
+            student_out.hidden_states[-1][:, :-1],
+            teacher_out.hidden_states[-1][:, :-1],
+        )  # causal shift
+        s_head, t_head = A.output_head(self.model), A.output_head(self.teacher)
+        rows = slice(self.vocab_rows)  # padded vocabularies: the shared rows only
+        return fused_logit_distillation(
+            h_s.flatten(0, 1),
+            s_head.weight[rows],
+            h_t.flatten(0, 1),
+            t_head.weight[rows],
+            loss=term.loss,
+            temperature=self.args.temperature,
+            mask=self._target_mask(inputs).flatten(),
+            num_items=counts["targets"],
+            chunk_size=self.args.logit_chunk_size,
+            student_head_bias=None if s_head.bias is None else s_head.bias[rows],
+            teacher_head_bias=None if t_head.bias is None else t_head.bias[rows],
+            **term.params,
+        )
 
     def _term_values(self, index, term, student_out, teacher_out, inputs):
         """Per-item values, their mask and which count normalises them."""
@@ -346,40 +374,10 @@ class DistillationTrainer(Trainer):
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
         if len(self.projectors) and self.args.should_save:
-            folder = os.path.join(
-                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            )
-            path = os.path.join(folder, PROJECTORS_FILE)
-            state = {k: v.detach().cpu().contiguous() for k, v in self.projectors.state_dict().items()}
-            save_file(state, path + ".tmp")
-            os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written file
+            folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            A.save_projectors(self.projectors, os.path.join(self._get_output_dir(trial=trial), folder))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if not len(self.projectors):
-            return
-        path = os.path.join(resume_from_checkpoint, PROJECTORS_FILE)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"{path} is missing: this checkpoint has no projector weights to resume from"
-            )
-        self.projectors.load_state_dict(load_file(path, device=str(self.args.device)))
-
-
-class _ZeroProjectorGrads(TrainerCallback):
-    """Trainer zeroes only the student's gradients after a step; without this the projectors' would pile up."""
-
-    def __init__(self, projectors: nn.ModuleDict):
-        self.projectors = projectors
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        self.projectors.zero_grad(set_to_none=True)
-
-
-def _forward_keys(model: nn.Module) -> set[str]:
-    params = inspect.signature(A.base_model(model).forward).parameters
-    return {k for k, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)} - {"labels"}
-
-
-def _select(inputs: dict, keys: set[str]) -> dict:
-    return {k: v for k, v in inputs.items() if k in keys}
+        if len(self.projectors):
+            A.load_projectors(self.projectors, resume_from_checkpoint, self.args.device)

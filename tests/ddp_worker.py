@@ -11,6 +11,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import torch  # noqa: E402
 from conftest import LlamaForCausalLM, llama_config, lm_dataset, make_tokenizer, seeded  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from transformers import DataCollatorForLanguageModeling  # noqa: E402
@@ -23,7 +24,13 @@ TERMS = [
 ]
 
 
-def train_and_dump(out_dir: str, per_device_batch: int, accumulation: int) -> DistillationTrainer:
+# "fused": logit terms only, no task loss, so the trainer takes the chunked hidden-state + lm_head path.
+MODES = {"mixed": (TERMS, 0.5), "fused": ([{"knowledge": "logits", "loss": "reverse_kl"}], 0.0)}
+
+
+def train_and_dump(
+    out_dir: str, per_device_batch: int, accumulation: int, mode: str = "mixed"
+) -> DistillationTrainer:
     teacher = seeded(LlamaForCausalLM, llama_config(), 0)
     student = seeded(LlamaForCausalLM, llama_config(layers=2, hidden=16), 1)
     tok = make_tokenizer("llama")
@@ -39,8 +46,8 @@ def train_and_dump(out_dir: str, per_device_batch: int, accumulation: int) -> Di
         seed=0,
         disable_tqdm=True,
         use_cpu=True,
-        terms=TERMS,
-        hard_label_weight=0.5,
+        terms=MODES[mode][0],
+        hard_label_weight=MODES[mode][1],
         logging_steps=1,
     )
     trainer = DistillationTrainer(
@@ -64,4 +71,7 @@ def train_and_dump(out_dir: str, per_device_batch: int, accumulation: int) -> Di
 
 
 if __name__ == "__main__":
-    train_and_dump(sys.argv[1], per_device_batch=2, accumulation=2)
+    train_and_dump(sys.argv[1], per_device_batch=2, accumulation=2, mode=sys.argv[2])
+    # Leave together: a rank exiting while its peer still talks to gloo can abort the peer (SIGABRT).
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()

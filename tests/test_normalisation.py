@@ -51,6 +51,35 @@ def one_step_update(pair, batch, accumulation, tmp_path, trainer_cls=Distillatio
     return {k: v - start[k] for k, v in student.state_dict().items()}
 
 
+def test_fused_logit_path_gives_the_plain_update(llama_pair, tmp_path):
+    """Logit-only causal-LM terms run from hidden states + lm_head in chunks; the update must not change."""
+    updates = {}
+    for fused in (True, False):
+        teacher, student = (copy.deepcopy(m) for m in llama_pair)
+        start = copy.deepcopy(student.state_dict())
+        trainer = make_trainer(
+            teacher,
+            student,
+            "lm",
+            tmp_path / str(fused),
+            [{"knowledge": "logits", "loss": "jsd", "beta": 0.3}],
+            train=lm_dataset(8, seed=5),
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=4,
+            max_steps=1,
+            optim="sgd",
+            learning_rate=0.5,
+            max_grad_norm=0.0,
+            fused_logits=fused,
+            logit_chunk_size=5,
+        )
+        assert trainer.fused is fused
+        trainer.train()
+        updates[fused] = {k: v - start[k] for k, v in student.state_dict().items()}
+    assert max(v.abs().max().item() for v in updates[True].values()) > 1e-4
+    assert max_relative_gap(updates[False], updates[True]) < 1e-4
+
+
 def max_relative_gap(a: dict, b: dict) -> float:
     return max(((a[k] - b[k]).abs().max() / a[k].abs().max().clamp(min=1e-12)).item() for k in a)
 
@@ -99,9 +128,11 @@ def test_resume_reproduces_the_uninterrupted_run(bert_pair, tmp_path):
 
 
 @pytest.mark.multiprocess
-def test_two_process_ddp_matches_one_process(tmp_path):
+@pytest.mark.parametrize("mode", ["mixed", "fused"])
+def test_two_process_ddp_matches_one_process(tmp_path, mode):
     single = tmp_path / "single"
-    train_and_dump(str(single), per_device_batch=4, accumulation=2)
+    trainer = train_and_dump(str(single), per_device_batch=4, accumulation=2, mode=mode)
+    assert trainer.fused is (mode == "fused")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     cmd = [
         sys.executable,
@@ -112,6 +143,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
         "2",
         os.path.join(ROOT, "tests", "ddp_worker.py"),
         str(tmp_path / "ddp"),
+        mode,
     ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
