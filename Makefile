@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test test-slow demo quality style bench clean
+.PHONY: install test demo quality style bench clean
 
 install: $(STAMP)
 
@@ -20,9 +20,6 @@ $(STAMP): pyproject.toml scripts/install.sh
 test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
-test-slow: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m slow
-
 demo: install
 	$(PY) recipes/demo.py
 
@@ -34,9 +31,11 @@ style: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-# The demo with 3 seeds per student method: reuses the demo's teacher and seed-42 students, adds two seeds.
+# The demo with 3 seeds per student method (reuses the demo's teacher and seed-42 students, adds two seeds), then
+# the loss memory/time benchmark: naive vs chunked vs fused logit distillation, side by side in one run.
 bench: install
 	$(PY) recipes/demo.py --seeds 3
+	$(PY) -m llmkd.bench_losses --positions 4096 --vocab 49152 151936 --chunk-size 256 --out runs/bench/losses.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
