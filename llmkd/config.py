@@ -9,9 +9,8 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
-from llmkd.losses import LOSSES
+from llmkd.losses import LOSSES, get_loss
 
-KNOWLEDGE = tuple(LOSSES)  # logits, hidden, attention, relation
 DEFAULT_LAYER_MAP = {"logits": None, "hidden": "uniform", "attention": "uniform", "relation": "last"}
 TERM_KEYS = {"knowledge", "loss", "weight", "layer_map"}
 VOCAB_MISMATCH = ("error", "slice")
@@ -42,14 +41,11 @@ def parse_term(spec: dict | Term, index: int = 0) -> Term:
             f"terms[{index}] must be a mapping like {{knowledge: logits, loss: forward_kl}}, got {spec!r}"
         )
     where = f"terms[{index}]"
-    knowledge = spec.get("knowledge")
-    if knowledge not in LOSSES:
-        raise ValueError(f"{where}: unknown knowledge {knowledge!r}; choose one of {list(KNOWLEDGE)}")
-    loss = spec.get("loss")
-    if loss not in LOSSES[knowledge]:
-        raise ValueError(
-            f"{where}: unknown {knowledge} loss {loss!r}; choose one of {sorted(LOSSES[knowledge])}"
-        )
+    knowledge, loss = spec.get("knowledge"), spec.get("loss")
+    try:
+        get_loss(knowledge, loss)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
     weight = spec.get("weight", 1.0)
     if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
         raise ValueError(f"{where}: weight must be a finite number >= 0, got {weight!r}")

@@ -383,11 +383,8 @@ LOSSES: dict[str, dict[str, Callable[..., Tensor]]] = {
     },
 }
 
-# Hinton et al. 2015 (§2): the gradient of a soft-target loss w.r.t. the logits scales as 1/T², so the
-# trainer multiplies these terms by T² to keep their weight against the hard-label loss when T changes.
-# Left out: "tvd", whose gradient scales only as 1/T (|p_T - p_S| is not locally quadratic), so T² would
-# over-weight it as T grows; and "mse", a direct logit match rather than a soft target, whose value is
-# exactly 1/T² times the raw-logit MSE, so a temperature other than 1 acts as a 1/T² weight on it.
+# Hinton et al. 2015 (§2): soft-target gradients scale as 1/T², so the trainer multiplies these by T². Left out:
+# "tvd" (its gradient scales as 1/T: T² would over-weight it) and "mse" (a direct logit match, not a soft target).
 SOFT_TARGET_LOSSES: frozenset[str] = frozenset(LOSSES["logits"]) - {"tvd", "mse"}
 
 
@@ -400,10 +397,8 @@ def get_loss(knowledge: str, name: str) -> Callable[..., Tensor]:
     return LOSSES[knowledge][name]
 
 
-# memory-bounded variants -------------------------------------
 def __getattr__(name: str):
-    # Re-exported lazily (PEP 562): llmkd.chunked imports this module, so an eager import here would fail
-    # whenever llmkd.chunked is the first of the two to be imported.
+    # The memory-bounded variants, re-exported lazily (PEP 562): llmkd.chunked imports this module.
     if name in ("chunked_logit_loss", "fused_logit_distillation"):
         from llmkd import chunked
 
