@@ -61,7 +61,6 @@ class DistillationTrainer(Trainer):
                 "hidden terms between different widths learn a projector, which DeepSpeed's optimizer does not "
                 "see; use a student of the teacher's width, drop the hidden term, or train with DDP/FSDP"
             )
-        self._sync_projector_grads_under_ddp()
         self.add_callback(A.ZeroProjectorGrads(self.projectors))
         self._student_keys = A.forward_keys(model)
         self._teacher_keys = A.forward_keys(teacher)
@@ -121,19 +120,20 @@ class DistillationTrainer(Trainer):
                 f"has only {columns}; add labels or set hard_label_weight=0 to distil from the teacher alone"
             )
 
-    def _sync_projector_grads_under_ddp(self) -> None:
-        # Projectors live outside the DDP-wrapped student, so their gradients are averaged here, once per
-        # optimizer step (the hook fires after the last micro-batch's backward has accumulated the gradient).
-        if self.args.world_size <= 1:
-            return
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.accelerator.sync_gradients and self.args.world_size > 1 and len(self.projectors):
+            self._average_projector_grads()
+        return loss
 
-        def average(param: torch.Tensor) -> None:
-            if self.accelerator.sync_gradients and param.grad is not None:
+    def _average_projector_grads(self) -> None:
+        # Projectors live outside the DDP-wrapped student, so their gradients are averaged here, after the
+        # window's last backward and before clipping. On the main thread, in program order: a collective inside
+        # an autograd hook could interleave differently with DDP's own all-reduces on each rank.
+        for param in self.projectors.parameters():
+            if param.grad is not None:  # every rank computes the same terms, so the same grads exist
                 torch.distributed.all_reduce(param.grad)
                 param.grad /= self.args.world_size
-
-        for param in self.projectors.parameters():
-            param.register_post_accumulate_grad_hook(average)
 
     def _set_signature_columns_if_needed(self):
         # remove_unused_columns must keep what the teacher's forward takes (e.g. token_type_ids).
