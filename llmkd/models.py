@@ -16,6 +16,25 @@ AUTO_CLASSES = {CAUSAL_LM: AutoModelForCausalLM, SEQ_CLS: AutoModelForSequenceCl
 LAYER_KEY = re.compile(r"(\.layers?\.)(\d+)(\.)")
 
 
+# Models that ship inside PyPI packages (no Hub needed): `teacher: embedded:smollm2-135m-instruct` in a recipe.
+EMBEDDED = {
+    "embedded:smollm2-135m-instruct": ("llmkd.smollm2", "smollm2_path"),
+    "embedded:all-minilm-l6-v2": ("llmkd.assets", "minilm_path"),
+}
+
+
+def resolve_path(name_or_path: str | None) -> str | None:
+    """`embedded:NAME` -> the local checkpoint directory (installed and converted on first use); else as is."""
+    if not isinstance(name_or_path, str) or not name_or_path.startswith("embedded:"):
+        return name_or_path
+    if name_or_path not in EMBEDDED:
+        raise ValueError(f"{name_or_path!r} is not an embedded model; choose one of {sorted(EMBEDDED)}")
+    import importlib
+
+    module, function = EMBEDDED[name_or_path]
+    return getattr(importlib.import_module(module), function)()
+
+
 def detect_task(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False) -> str:
     config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     architectures = getattr(config, "architectures", None) or []

@@ -6,14 +6,22 @@ import logging
 import os
 
 import numpy as np
+import torch
 from sklearn.metrics import accuracy_score
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, set_seed
 
 from llmkd import glue
-from llmkd.alignment import SEQ_CLS
+from llmkd.alignment import CAUSAL_LM, SEQ_CLS
 from llmkd.atomic import write_json
 from llmkd.data import collator_for, load_raw, tokenize
-from llmkd.models import describe, detect_task, load_model, student_from_config, student_from_teacher
+from llmkd.models import (
+    describe,
+    detect_task,
+    load_model,
+    resolve_path,
+    student_from_config,
+    student_from_teacher,
+)
 from llmkd.recipe import FINETUNE, load_config, load_stages
 from llmkd.trainer import DistillationTrainer
 
@@ -24,6 +32,7 @@ REPORT = "llmkd_report.json"
 def build_models(run, args):
     """Teacher, student and their tokenizers, as the recipe says."""
     common = {"revision": run.teacher_revision, "trust_remote_code": run.trust_remote_code}
+    run.teacher, run.student = resolve_path(run.teacher), resolve_path(run.student)
     task = run.task or detect_task(run.teacher, **common)
     teacher = load_model(run.teacher, task, attn_implementation=run.attn_implementation, **common)
     teacher_tok = AutoTokenizer.from_pretrained(run.teacher, **common)
@@ -49,6 +58,9 @@ def build_models(run, args):
         student, student_tok = student_from_teacher(teacher, run.student_layers), teacher_tok
     else:
         student, student_tok = student_from_config(teacher, run.student_config, seed=args.seed), teacher_tok
+    if run.student_dtype == "float32" and student.dtype != torch.float32:
+        logger.info("student weights %s -> float32 for training (student_dtype: auto keeps them)", student.dtype)
+        student.float()
     if run.freeze_embeddings:
         student.get_input_embeddings().requires_grad_(False)
     return task, teacher, teacher_tok, student, student_tok
@@ -75,6 +87,8 @@ def build_data(run, task: str, tokenizer, model_config=None) -> tuple:
         if limit:
             data = data.select(range(min(limit, len(data))))
         encoded[split] = tokenize(data, tokenizer, task, columns, run.label_column, run.max_length, names)
+        if task == CAUSAL_LM:  # blank lines (wikitext has many) leave nothing to predict
+            encoded[split] = encoded[split].filter(lambda row: len(row["input_ids"]) > 1, desc="dropping empty")
     train = encoded.pop("train")
     if len(encoded) > 1:
         return train, encoded
@@ -122,6 +136,7 @@ def distill_stage(run, args) -> dict:
 def finetune(config_path: str, overrides: list[str] = ()) -> dict:
     """Fine-tunes a sequence classifier (e.g. a teacher) with the plain `transformers.Trainer`."""
     run, args = load_config(config_path, list(overrides), *FINETUNE)
+    run.model = resolve_path(run.model)
     set_seed(args.seed)
     names = list(run.class_names or glue.get_task(run.glue_task).label_names)
     labels = (

@@ -79,9 +79,17 @@ class RunConfig(DataConfig):
         "steps get much cheaper on CPU; students built from the teacher's layers start from its embeddings.",
         False,
     )
+    student_dtype: str = _help(
+        "Student weights dtype while training: float32 (default; bf16: true / fp16: true then train in mixed "
+        "precision with float32 master weights, as optimizers need) or auto (as loaded, e.g. a bf16 checkpoint "
+        "trained in pure bf16).",
+        "float32",
+    )
 
     def __post_init__(self):
         super().__post_init__()
+        if self.student_dtype not in ("float32", "auto"):
+            raise ValueError(f"student_dtype must be float32 or auto, got {self.student_dtype!r}")
         if not self.teacher:
             raise ValueError("no teacher: set teacher to a Hub id or a local model directory")
         sources = [k for k in ("student", "student_layers", "student_config") if getattr(self, k) is not None]

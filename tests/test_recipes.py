@@ -105,3 +105,67 @@ def test_accelerate_cpu_config_runs_two_processes(tiny_glue, tmp_path):
     assert (
         state["train"]["world_size"] == 2
     )  # really two processes (`--cpu --num_processes 2` would give one)
+
+
+LLM_RECIPES = sorted((ROOT / "recipes" / "llm").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    """A tiny Llama 'teacher' and 'student' directory, plus text files with blank lines (as wikitext has)."""
+    from conftest import LlamaForCausalLM, llama_config
+
+    root = tmp_path_factory.mktemp("lm")
+    for name, layers, seed in (("teacher", 6, 0), ("student", 2, 1)):
+        seeded(LlamaForCausalLM, llama_config(layers=layers), seed).save_pretrained(root / name)
+        make_tokenizer("llama").save_pretrained(root / name)
+    for split, n in (("train", 40), ("validation", 8)):
+        rows = [{"sentence": s, "text": s} for s in sentences(n, seed=n)] + [{"sentence": "", "text": ""}]
+        (root / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return root
+
+
+def test_every_llm_recipe_is_covered():
+    assert {p.stem for p in LLM_RECIPES} == {"smollm2_smoke", "qwen2.5_1.5b_to_0.5b"}
+
+
+@pytest.mark.parametrize("recipe", LLM_RECIPES, ids=lambda p: p.stem)
+def test_llm_recipe_smoke(recipe, tiny_lm, tmp_path):
+    """Each LLM recipe with its teacher/student/data swapped for tiny local ones (all its other keys kept)."""
+    flags = [
+        "--smoke",
+        "--teacher",
+        str(tiny_lm / "teacher"),
+        "--train_file",
+        str(tiny_lm / "train.jsonl"),
+        "--validation_file",
+        str(tiny_lm / "validation.jsonl"),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--use_cpu",
+        "true",
+        "--bf16",
+        "false",
+    ]
+    if "student" in (values := yaml_keys(recipe)):
+        flags += ["--student", str(tiny_lm / "student")]
+    if "dataset_name" in values:
+        flags += ["--dataset_name", "null", "--dataset_config", "null"]
+    report = distill(str(recipe), flags)
+    assert report["task"] == "causal_lm"
+    assert report["student"]["layers"] == (2 if "student" in values else len(range(0, 6, 10)))
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def yaml_keys(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def test_embedded_model_names_resolve_or_fail_clearly():
+    from llmkd.models import resolve_path
+
+    assert resolve_path("some/hub-id") == "some/hub-id" and resolve_path(None) is None
+    with pytest.raises(ValueError, match="embedded:smollm2-135m-instruct"):
+        resolve_path("embedded:smollm3")
