@@ -1,6 +1,8 @@
 """`llmkd generate RECIPE.yaml [--field value …]`: synthesise a transfer set from the teacher (data-free KD).
 
-The recipe names a `method` (teacher_sampling or zerogen), the models, and the method's config fields.
+The recipe names a `method` (teacher_sampling, zerogen, gibbs or inversion), the models, and the method's config
+fields. Under `torchrun` / `accelerate launch recipes/generate.py RECIPE.yaml`, every process loads the models on
+its own device and writes its own shards; the main process merges them (see llmkd.synthesis.io).
 """
 
 from __future__ import annotations
@@ -8,7 +10,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+)
 
 from llmkd.recipe import parse_overrides, read_yaml
 
@@ -18,13 +25,31 @@ MODEL_KEYS = (
     "generator",
     "generator_revision",
     "student",
+    "mlm",
+    "mlm_revision",
     "trust_remote_code",
 )
 
 
+def _device():
+    """This process's device; under torchrun / accelerate launch it also joins the process group."""
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
 def _load(kind, name: str, revision: str | None, trust: bool):
-    model = kind.from_pretrained(name, revision=revision, trust_remote_code=trust).eval()
-    return model, AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust)
+    model, info = kind.from_pretrained(
+        name, revision=revision, trust_remote_code=trust, output_loading_info=True
+    )
+    if kind is AutoModelForMaskedLM and info.get("missing_keys"):
+        # A classifier checkpoint loads as a masked LM with a random head: its samples would be noise.
+        raise ValueError(
+            f"mlm={name!r} has no trained masked-LM head (missing {sorted(info['missing_keys'])[:4]}); use a "
+            "checkpoint trained with masked language modelling, e.g. bert-base-uncased, not a fine-tuned classifier"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust)
+    return model.to(_device()).eval(), tokenizer
 
 
 def _method_config(method: str, values: dict):
@@ -56,6 +81,18 @@ def generate(config_path: str, overrides: list[str] = ()):
     if method == "teacher_sampling":
         teacher, tok = _load(AutoModelForCausalLM, models["teacher"], models["teacher_revision"], trust)
         return run(teacher, tok, config)
+    if method == "gibbs" and not models["mlm"]:
+        raise ValueError(
+            "gibbs needs mlm: a masked LM (Hub id or local directory) with its MLM head, e.g. bert-base-uncased"
+        )
+    if method in ("gibbs", "inversion"):
+        teacher, tok = _load(
+            AutoModelForSequenceClassification, models["teacher"], models["teacher_revision"], trust
+        )
+        if method == "inversion":
+            return run(teacher, tok, config)
+        mlm, mlm_tok = _load(AutoModelForMaskedLM, models["mlm"], models["mlm_revision"], trust)
+        return run(teacher, tok, mlm, mlm_tok, config)
     if not models["generator"]:
         raise ValueError(
             "zerogen needs a generator: a causal LM (Hub id or local directory) that writes the text"
