@@ -13,7 +13,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trai
 from llmkd import glue
 from llmkd.alignment import CAUSAL_LM, SEQ_CLS
 from llmkd.atomic import write_json
-from llmkd.data import collator_for, load_raw, tokenize
+from llmkd.data import PromptCompletionCollator, collator_for, load_raw, tokenize, tokenize_prompt_completion
 from llmkd.models import (
     describe,
     detect_task,
@@ -22,8 +22,7 @@ from llmkd.models import (
     student_from_config,
     student_from_teacher,
 )
-from llmkd.recipe import FINETUNE, load_config, load_stages
-from llmkd.trainer import DistillationTrainer
+from llmkd.recipe import FINETUNE, load_config, load_stages, trainer_classes
 
 logger = logging.getLogger(__name__)
 REPORT = "llmkd_report.json"
@@ -59,7 +58,9 @@ def build_models(run, args):
     else:
         student, student_tok = student_from_config(teacher, run.student_config, seed=args.seed), teacher_tok
     if run.student_dtype == "float32" and student.dtype != torch.float32:
-        logger.info("student weights %s -> float32 for training (student_dtype: auto keeps them)", student.dtype)
+        logger.info(
+            "student weights %s -> float32 for training (student_dtype: auto keeps them)", student.dtype
+        )
         student.float()
     if run.freeze_embeddings:
         student.get_input_embeddings().requires_grad_(False)
@@ -86,13 +87,35 @@ def build_data(run, task: str, tokenizer, model_config=None) -> tuple:
         limit = run.max_train_samples if split == "train" else run.max_eval_samples
         if limit:
             data = data.select(range(min(limit, len(data))))
-        encoded[split] = tokenize(data, tokenizer, task, columns, run.label_column, run.max_length, names)
+        encoded[split] = _encode(run, data, task, tokenizer, columns, names)
         if task == CAUSAL_LM:  # blank lines (wikitext has many) leave nothing to predict
-            encoded[split] = encoded[split].filter(lambda row: len(row["input_ids"]) > 1, desc="dropping empty")
+            encoded[split] = encoded[split].filter(
+                lambda row: len(row["input_ids"]) > 1, desc="dropping empty"
+            )
     train = encoded.pop("train")
     if len(encoded) > 1:
         return train, encoded
     return train, next(iter(encoded.values()), None)
+
+
+def prompt_column(run) -> str | None:
+    """The prompt column when the recipe has prompt/completion data (on-policy needs it), else None."""
+    return getattr(run, "prompt_column", None) or (
+        "prompt" if getattr(run, "trainer", None) == "on_policy" else None
+    )
+
+
+def _encode(run, data, task: str, tokenizer, columns, names):
+    if task == CAUSAL_LM and prompt_column(run):
+        return tokenize_prompt_completion(
+            data,
+            tokenizer,
+            prompt_column=prompt_column(run),
+            completion_column=run.completion_column,
+            max_length=run.max_length,
+            max_prompt_length=run.max_prompt_length,
+        )
+    return tokenize(data, tokenizer, task, columns, run.label_column, run.max_length, names)
 
 
 def metrics_for(run, task: str, model_config):
@@ -113,19 +136,24 @@ def distill_stage(run, args) -> dict:
     set_seed(args.seed)
     task, teacher, teacher_tok, student, student_tok = build_models(run, args)
     train, evaluation = build_data(run, task, student_tok, teacher.config if task == SEQ_CLS else None)
-    trainer = DistillationTrainer(
+    trainer_cls = trainer_classes(run.trainer)[0]
+    collator = (
+        PromptCompletionCollator(student_tok) if prompt_column(run) else collator_for(task, student_tok)
+    )
+    trainer = trainer_cls(
         model=student,
         teacher=teacher,
         args=args,
         train_dataset=train,
         eval_dataset=evaluation,
-        data_collator=collator_for(task, student_tok),
+        data_collator=collator,
         processing_class=student_tok,
         teacher_processing_class=teacher_tok,
         compute_metrics=metrics_for(run, task, teacher.config),
     )
     report = {
         "teacher": run.teacher,
+        "trainer": type(trainer).__name__,
         "task": task,
         "student": describe(student),
         "teacher_size": describe(teacher),

@@ -44,6 +44,14 @@ class DataConfig:
     max_eval_samples: int | None = _help("Use only the first N validation rows.")
     trust_remote_code: bool = _help("Run model code from the Hub (off: only trusted architectures).", False)
     attn_implementation: str | None = _help("eager, sdpa, … (default: transformers' choice).")
+    prompt_column: str | None = _help(
+        "Causal LMs: prompt/completion data: the prompt column (the loss then covers completion tokens only; "
+        "a chat 'messages' column works too). Default: plain text, or 'prompt' for trainer: on_policy."
+    )
+    completion_column: str = _help(
+        "Causal LMs: the completion column of prompt/completion data.", "completion"
+    )
+    max_prompt_length: int | None = _help("Keep only a prompt's last N tokens.")
 
     def __post_init__(self):
         if not isinstance(self.max_length, int) or self.max_length <= 0:
@@ -79,6 +87,11 @@ class RunConfig(DataConfig):
         "steps get much cheaper on CPU; students built from the teacher's layers start from its embeddings.",
         False,
     )
+    trainer: str = _help(
+        "Which trainer: distill (DistillationTrainer), on_policy (GKD: student-sampled completions; its keys "
+        "lmbda, seq_kd, max_new_tokens, sampling_temperature, top_k, top_p).",
+        "distill",
+    )
     student_dtype: str = _help(
         "Student weights dtype while training: float32 (default; bf16: true / fp16: true then train in mixed "
         "precision with float32 master weights, as optimizers need) or auto (as loaded, e.g. a bf16 checkpoint "
@@ -88,6 +101,8 @@ class RunConfig(DataConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.trainer not in TRAINERS:
+            raise ValueError(f"trainer={self.trainer!r}: choose one of {sorted(TRAINERS)}")
         if self.student_dtype not in ("float32", "auto"):
             raise ValueError(f"student_dtype must be float32 or auto, got {self.student_dtype!r}")
         if not self.teacher:
@@ -205,8 +220,25 @@ def load_stages(
         values["output_dir"] = (
             final_dir if k == len(stages) - 1 else os.path.join(final_dir, f"stage-{k + 1}")
         )
-        out.append(split_config(values, run_cls, args_cls))
+        classes = trainer_classes(values.get("trainer", "distill")) if run_cls is RunConfig else None
+        out.append(split_config(values, run_cls, classes[1] if classes else args_cls))
     return out
+
+
+# trainer name -> ("module:Trainer", "module:Config"): one place to add a trainer; imported when chosen.
+TRAINERS = {
+    "distill": ("llmkd.trainer:DistillationTrainer", "llmkd.config:DistillationConfig"),
+    "on_policy": ("llmkd.onpolicy:OnPolicyTrainer", "llmkd.onpolicy:OnPolicyConfig"),
+}
+
+
+def trainer_classes(name: str) -> tuple[type, type]:
+    """(trainer class, its config dataclass) for a recipe's `trainer:` key."""
+    import importlib
+
+    if name not in TRAINERS:
+        raise ValueError(f"trainer={name!r}: choose one of {sorted(TRAINERS)}")
+    return tuple(getattr(importlib.import_module(m), c) for m, c in (x.split(":") for x in TRAINERS[name]))
 
 
 SMOKE = {

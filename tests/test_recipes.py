@@ -122,24 +122,30 @@ def tiny_lm(tmp_path_factory):
     for split, n in (("train", 40), ("validation", 8)):
         rows = [{"sentence": s, "text": s} for s in sentences(n, seed=n)] + [{"sentence": "", "text": ""}]
         (root / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+        pairs = [
+            {"prompt": s, "completion": c} for s, c in zip(sentences(n, seed=n), sentences(n, seed=n + 1))
+        ]
+        (root / f"pc_{split}.jsonl").write_text("\n".join(json.dumps(r) for r in pairs))
     return root
 
 
 def test_every_llm_recipe_is_covered():
-    assert {p.stem for p in LLM_RECIPES} == {"smollm2_smoke", "qwen2.5_1.5b_to_0.5b"}
+    assert {p.stem for p in LLM_RECIPES} == {"smollm2_smoke", "qwen2.5_1.5b_to_0.5b", "qwen2.5_on_policy"}
 
 
 @pytest.mark.parametrize("recipe", LLM_RECIPES, ids=lambda p: p.stem)
 def test_llm_recipe_smoke(recipe, tiny_lm, tmp_path):
     """Each LLM recipe with its teacher/student/data swapped for tiny local ones (all its other keys kept)."""
+    values = yaml_keys(recipe)
+    prefix = "pc_" if "prompt_column" in values else ""
     flags = [
         "--smoke",
         "--teacher",
         str(tiny_lm / "teacher"),
         "--train_file",
-        str(tiny_lm / "train.jsonl"),
+        str(tiny_lm / f"{prefix}train.jsonl"),
         "--validation_file",
-        str(tiny_lm / "validation.jsonl"),
+        str(tiny_lm / f"{prefix}validation.jsonl"),
         "--output_dir",
         str(tmp_path / "out"),
         "--use_cpu",
@@ -147,12 +153,15 @@ def test_llm_recipe_smoke(recipe, tiny_lm, tmp_path):
         "--bf16",
         "false",
     ]
-    if "student" in (values := yaml_keys(recipe)):
+    if "student" in values:
         flags += ["--student", str(tiny_lm / "student")]
     if "dataset_name" in values:
         flags += ["--dataset_name", "null", "--dataset_config", "null"]
+    if values.get("trainer") == "on_policy":
+        flags += ["--max_new_tokens", "4", "--max_prompt_length", "8"]
     report = distill(str(recipe), flags)
     assert report["task"] == "causal_lm"
+    assert report["trainer"] == ("OnPolicyTrainer" if "trainer" in values else "DistillationTrainer")
     assert report["student"]["layers"] == (2 if "student" in values else len(range(0, 6, 10)))
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
