@@ -158,7 +158,7 @@ def check_vocab(student: nn.Module, teacher: nn.Module, mismatch: str, shared: i
         raise ValueError(
             f"vocabulary mismatch: the student has {v_s} logit rows, the teacher {v_t}. If they share a tokenizer "
             "and only the lm_head padding differs, set vocab_mismatch=slice (optionally shared_vocab_size=N); "
-            "otherwise the pair needs a cross-tokenizer loss"
+            "otherwise the pair needs " + CROSS_TOKENIZER_HINT
         )
     size = shared if shared is not None else min(v_s, v_t)
     if not 0 < size <= min(v_s, v_t):
@@ -166,6 +166,14 @@ def check_vocab(student: nn.Module, teacher: nn.Module, mismatch: str, shared: i
             f"shared_vocab_size={size} must be in 1..{min(v_s, v_t)} (student {v_s}, teacher {v_t})"
         )
     return size
+
+
+# Where a pair with different tokenizers should go instead (named by the mismatch errors).
+CROSS_TOKENIZER_HINT = (
+    "a cross-tokenizer loss (ULD, Boizard et al. 2024) for such pairs: `trainer: cross_tokenizer` in a recipe, or "
+    "llmkd.cross_tokenizer.CrossTokenizerTrainer with a CrossTokenizerConfig (uld_weight, hard_label_weight) "
+    "on data tokenised by both tokenizers (llmkd.cross_tokenizer.tokenize_pairs); see docs/cross_tokenizer.md"
+)
 
 
 def check_tokenizers(student_tok, teacher_tok) -> None:
@@ -177,8 +185,8 @@ def check_tokenizers(student_tok, teacher_tok) -> None:
         differing = sorted(k for k in set(vs) | set(vt) if vs.get(k) != vt.get(k))[:5]
         raise ValueError(
             f"tokenizer mismatch: student ({len(vs)} tokens) and teacher ({len(vt)} tokens) map tokens to "
-            f"different ids, e.g. {differing}; use the teacher's tokenizer for the student, or a cross-tokenizer "
-            "loss (ULD) for such pairs"
+            f"different ids, e.g. {differing}; use the teacher's tokenizer for the student, or "
+            + CROSS_TOKENIZER_HINT
         )
 
 

@@ -13,6 +13,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trai
 from llmkd import glue
 from llmkd.alignment import CAUSAL_LM, SEQ_CLS
 from llmkd.atomic import write_json
+from llmkd.cross_tokenizer import tokenize_pairs
 from llmkd.data import PromptCompletionCollator, collator_for, load_raw, tokenize, tokenize_prompt_completion
 from llmkd.models import (
     describe,
@@ -67,7 +68,7 @@ def build_models(run, args):
     return task, teacher, teacher_tok, student, student_tok
 
 
-def build_data(run, task: str, tokenizer, model_config=None) -> tuple:
+def build_data(run, task: str, tokenizer, model_config=None, teacher_tokenizer=None) -> tuple:
     """(train, eval) tokenised; eval is a Dataset, a {split: Dataset} dict (MNLI) or None.
 
     With `glue_task`, columns and classes come from the GLUE table and the data from the Hub or `data_dir`;
@@ -87,7 +88,7 @@ def build_data(run, task: str, tokenizer, model_config=None) -> tuple:
         limit = run.max_train_samples if split == "train" else run.max_eval_samples
         if limit:
             data = data.select(range(min(limit, len(data))))
-        encoded[split] = _encode(run, data, task, tokenizer, columns, names)
+        encoded[split] = _encode(run, data, task, (tokenizer, teacher_tokenizer), columns, names)
         if task == CAUSAL_LM:  # blank lines (wikitext has many) leave nothing to predict
             encoded[split] = encoded[split].filter(
                 lambda row: len(row["input_ids"]) > 1, desc="dropping empty"
@@ -105,7 +106,18 @@ def prompt_column(run) -> str | None:
     )
 
 
-def _encode(run, data, task: str, tokenizer, columns, names):
+def _encode(run, data, task: str, tokenizers, columns, names):
+    tokenizer, teacher_tokenizer = tokenizers
+    if teacher_tokenizer is not None:
+        return tokenize_pairs(
+            data,
+            tokenizer,
+            teacher_tokenizer,
+            text_column=columns if isinstance(columns, str) else columns[0],
+            prompt_column=prompt_column(run),
+            completion_column=run.completion_column if prompt_column(run) else None,
+            max_length=run.max_length,
+        )
     if task == CAUSAL_LM and prompt_column(run):
         return tokenize_prompt_completion(
             data,
@@ -135,10 +147,15 @@ def distill_stage(run, args) -> dict:
     """One distillation from parsed configs; the report is also written to args.output_dir."""
     set_seed(args.seed)
     task, teacher, teacher_tok, student, student_tok = build_models(run, args)
-    train, evaluation = build_data(run, task, student_tok, teacher.config if task == SEQ_CLS else None)
+    both = teacher_tok if run.trainer == "cross_tokenizer" else None  # ULD: every row in both tokenizations
+    train, evaluation = build_data(run, task, student_tok, teacher.config if task == SEQ_CLS else None, both)
     trainer_cls = trainer_classes(run.trainer)[0]
     collator = (
-        PromptCompletionCollator(student_tok) if prompt_column(run) else collator_for(task, student_tok)
+        None  # the trainer's own (cross_tokenizer pads both streams)
+        if both is not None
+        else PromptCompletionCollator(student_tok)
+        if prompt_column(run)
+        else collator_for(task, student_tok)
     )
     trainer = trainer_cls(
         model=student,

@@ -89,7 +89,8 @@ class RunConfig(DataConfig):
     )
     trainer: str = _help(
         "Which trainer: distill (DistillationTrainer), on_policy (GKD: student-sampled completions; its keys "
-        "lmbda, seq_kd, max_new_tokens, sampling_temperature, top_k, top_p).",
+        "lmbda, seq_kd, max_new_tokens, sampling_temperature, top_k, top_p), cross_tokenizer (ULD for a "
+        "student with another tokenizer; keys uld_weight, uld_chunk_size).",
         "distill",
     )
     student_dtype: str = _help(
@@ -229,6 +230,10 @@ def load_stages(
 TRAINERS = {
     "distill": ("llmkd.trainer:DistillationTrainer", "llmkd.config:DistillationConfig"),
     "on_policy": ("llmkd.onpolicy:OnPolicyTrainer", "llmkd.onpolicy:OnPolicyConfig"),
+    "cross_tokenizer": (
+        "llmkd.cross_tokenizer:CrossTokenizerTrainer",
+        "llmkd.cross_tokenizer:CrossTokenizerConfig",
+    ),
 }
 
 

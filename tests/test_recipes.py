@@ -116,9 +116,16 @@ def tiny_lm(tmp_path_factory):
     from conftest import LlamaForCausalLM, llama_config
 
     root = tmp_path_factory.mktemp("lm")
+    from test_cross_tokenizer import DIGIT_VOCAB, digit_tokenizer
+
     for name, layers, seed in (("teacher", 6, 0), ("student", 2, 1)):
         seeded(LlamaForCausalLM, llama_config(layers=layers), seed).save_pretrained(root / name)
         make_tokenizer("llama").save_pretrained(root / name)
+    # A teacher with another tokenizer ('w12' -> 'w' '1' '2'), for the cross-tokenizer recipe.
+    seeded(LlamaForCausalLM, llama_config(vocab_size=len(DIGIT_VOCAB)), 2).save_pretrained(
+        root / "digit_teacher"
+    )
+    digit_tokenizer().save_pretrained(root / "digit_teacher")
     for split, n in (("train", 40), ("validation", 8)):
         rows = [{"sentence": s, "text": s} for s in sentences(n, seed=n)] + [{"sentence": "", "text": ""}]
         (root / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
@@ -130,7 +137,12 @@ def tiny_lm(tmp_path_factory):
 
 
 def test_every_llm_recipe_is_covered():
-    assert {p.stem for p in LLM_RECIPES} == {"smollm2_smoke", "qwen2.5_1.5b_to_0.5b", "qwen2.5_on_policy"}
+    assert {p.stem for p in LLM_RECIPES} == {
+        "smollm2_smoke",
+        "qwen2.5_1.5b_to_0.5b",
+        "qwen2.5_on_policy",
+        "uld_qwen2.5_to_smollm2",
+    }
 
 
 @pytest.mark.parametrize("recipe", LLM_RECIPES, ids=lambda p: p.stem)
@@ -138,10 +150,11 @@ def test_llm_recipe_smoke(recipe, tiny_lm, tmp_path):
     """Each LLM recipe with its teacher/student/data swapped for tiny local ones (all its other keys kept)."""
     values = yaml_keys(recipe)
     prefix = "pc_" if "prompt_column" in values else ""
+    cross = values.get("trainer") == "cross_tokenizer"
     flags = [
         "--smoke",
         "--teacher",
-        str(tiny_lm / "teacher"),
+        str(tiny_lm / ("digit_teacher" if cross else "teacher")),
         "--train_file",
         str(tiny_lm / f"{prefix}train.jsonl"),
         "--validation_file",
@@ -161,7 +174,9 @@ def test_llm_recipe_smoke(recipe, tiny_lm, tmp_path):
         flags += ["--max_new_tokens", "4", "--max_prompt_length", "8"]
     report = distill(str(recipe), flags)
     assert report["task"] == "causal_lm"
-    assert report["trainer"] == ("OnPolicyTrainer" if "trainer" in values else "DistillationTrainer")
+    expected = {"on_policy": "OnPolicyTrainer", "cross_tokenizer": "CrossTokenizerTrainer"}
+    assert report["trainer"] == expected.get(values.get("trainer"), "DistillationTrainer")
+    assert not cross or report["eval"]["eval_distill/uld"] > 0  # the ULD term ran on both token streams
     assert report["student"]["layers"] == (2 if "student" in values else len(range(0, 6, 10)))
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
