@@ -13,6 +13,7 @@ COMMANDS = {
     "eval": "evaluate checkpoints on GLUE-format tasks and write the teacher-vs-student report",
     "data": "prepare an offline dataset: llmkd data rotten-tomatoes OUT_DIR",
     "generate": "synthesise a transfer set from the teacher: llmkd generate RECIPE.yaml [--field value ...]",
+    "cache-teacher": "run the teacher once and cache its top-k log-probs: llmkd cache-teacher RECIPE.yaml [--field value ...]",
 }
 
 
@@ -31,6 +32,14 @@ def _run(command: str, rest: list[str]) -> int:
         if not rest or rest[0].startswith("--"):
             raise ValueError("usage: llmkd generate RECIPE.yaml [--field value ...]")
         print(generate(rest[0], rest[1:]))
+        return 0
+    if command == "cache-teacher":
+        from llmkd.logit_cache.command import cache_teacher, summary
+
+        if not rest or rest[0].startswith("--"):
+            raise ValueError("usage: llmkd cache-teacher RECIPE.yaml [--field value ...]")
+        manifest = cache_teacher(rest[0], rest[1:])
+        print(json.dumps(summary(manifest), indent=2))
         return 0
     if command == "eval":
         from llmkd.evaluation import main as eval_main

@@ -54,7 +54,7 @@ class DistillationTrainer(Trainer):
                 f"{self.args.n_gpu} GPUs in one process (DataParallel) are not supported; start one process per "
                 "GPU with `accelerate launch` or `torchrun`"
             )
-        self.teacher = place_teacher(teacher, self.accelerator, self.args)
+        self.teacher = self._place_teacher(teacher)
         self.projectors = A.build_projectors(self.terms, model, teacher).to(self.args.device)
         if len(self.projectors) and self.is_deepspeed_enabled:
             raise ValueError(
@@ -67,6 +67,10 @@ class DistillationTrainer(Trainer):
         self._term_logs: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
 
     # ---- set-up and checks (all before training) -------------------------------------------------
+
+    def _place_teacher(self, teacher):
+        """Hook: freeze the teacher and put it where the back-end needs it (a cached teacher has no weights)."""
+        return place_teacher(teacher, self.accelerator, self.args)
 
     def _validate_pair(self, student, teacher, args, student_tok, teacher_tok) -> None:
         A.check_not_shared(student, teacher)
