@@ -36,13 +36,16 @@ def build_models(run, args):
     task = run.task or detect_task(run.teacher, **common)
     teacher = load_model(run.teacher, task, attn_implementation=run.attn_implementation, **common)
     teacher_tok = AutoTokenizer.from_pretrained(run.teacher, **common)
+    student, student_tok = build_student(run, args, task, teacher, teacher_tok)
+    return task, teacher, teacher_tok, student, student_tok
+
+
+def build_student(run, args, task: str, teacher, teacher_tok=None):
+    """The student: a checkpoint (`teacher` may then be just its config), the teacher's layers, or a config."""
+    config = getattr(teacher, "config", teacher)
     if run.student is not None:
         labels = (
-            {
-                "num_labels": teacher.config.num_labels,
-                "label2id": teacher.config.label2id,
-                "id2label": teacher.config.id2label,
-            }
+            {"num_labels": config.num_labels, "label2id": config.label2id, "id2label": config.id2label}
             if task == SEQ_CLS
             else {}
         )
@@ -65,7 +68,7 @@ def build_models(run, args):
         student.float()
     if run.freeze_embeddings:
         student.get_input_embeddings().requires_grad_(False)
-    return task, teacher, teacher_tok, student, student_tok
+    return student, student_tok
 
 
 def build_data(run, task: str, tokenizer, model_config=None, teacher_tokenizer=None) -> tuple:
@@ -130,6 +133,10 @@ def _encode(run, data, task: str, tokenizers, columns, names):
     return tokenize(data, tokenizer, task, columns, run.label_column, run.max_length, names)
 
 
+def collator_of(run, task: str, tokenizer):
+    return PromptCompletionCollator(tokenizer) if prompt_column(run) else collator_for(task, tokenizer)
+
+
 def metrics_for(run, task: str, model_config):
     """GLUE metrics for a GLUE task, accuracy for other classifiers, nothing for LMs and regression."""
     if run.glue_task:
@@ -139,24 +146,23 @@ def metrics_for(run, task: str, model_config):
 
 def distill(config_path: str, overrides: list[str] = ()) -> dict:
     """Runs a distillation recipe end to end, stage by stage; returns the last stage's report."""
-    reports = [distill_stage(run, args) for run, args in load_stages(config_path, list(overrides))]
+    from llmkd.logit_cache.command import CacheRunConfig  # RunConfig + teacher_cache keys
+
+    stages = load_stages(config_path, list(overrides), CacheRunConfig)
+    reports = [distill_stage(run, args) for run, args in stages]
     return reports[-1] | ({"stages": reports[:-1]} if len(reports) > 1 else {})
 
 
 def distill_stage(run, args) -> dict:
     """One distillation from parsed configs; the report is also written to args.output_dir."""
     set_seed(args.seed)
+    if getattr(run, "teacher_cache", None):
+        return distill_from_cache(run, args)
     task, teacher, teacher_tok, student, student_tok = build_models(run, args)
     both = teacher_tok if run.trainer == "cross_tokenizer" else None  # ULD: every row in both tokenizations
     train, evaluation = build_data(run, task, student_tok, teacher.config if task == SEQ_CLS else None, both)
     trainer_cls = trainer_classes(run.trainer)[0]
-    collator = (
-        None  # the trainer's own (cross_tokenizer pads both streams)
-        if both is not None
-        else PromptCompletionCollator(student_tok)
-        if prompt_column(run)
-        else collator_for(task, student_tok)
-    )
+    collator = None if both is not None else collator_of(run, task, student_tok)  # ULD: the trainer's own
     trainer = trainer_cls(
         model=student,
         teacher=teacher,
@@ -175,6 +181,39 @@ def distill_stage(run, args) -> dict:
         "student": describe(student),
         "teacher_size": describe(teacher),
     }
+    return train_and_report(trainer, args, report)
+
+
+def distill_from_cache(run, args) -> dict:
+    """Distillation from `llmkd cache-teacher`'s folder: the teacher is loaded only to build a student from it."""
+    from llmkd.logit_cache import CachedDistillationTrainer, CachedTeacher, cached_trainer_kwargs
+
+    if run.trainer != "distill":
+        raise ValueError(
+            f"teacher_cache works with trainer: distill, not {run.trainer!r}: sampled completions and other "
+            "tokenizations need the live teacher; remove teacher_cache"
+        )
+    cached = CachedTeacher(run.teacher_cache)
+    if run.student is not None:
+        run.student = resolve_path(run.student)
+        student, student_tok = build_student(run, args, cached.task, cached.config)
+    else:  # student_layers / student_config copy the teacher's weights once; the teacher is freed before training
+        _, teacher, teacher_tok, student, student_tok = build_models(run, args)
+        del teacher
+    task = cached.task
+    train, evaluation = build_data(run, task, student_tok, cached.config if task == SEQ_CLS else None)
+    kwargs = cached_trainer_kwargs(
+        cached, args=args, train_dataset=train, eval_dataset=evaluation, processing_class=student_tok, run=run
+    )
+    trainer = CachedDistillationTrainer(
+        model=student,
+        data_collator=collator_of(run, task, student_tok),
+        processing_class=student_tok,
+        compute_metrics=metrics_for(run, task, cached.config),
+        **kwargs,
+    )
+    report = {"teacher": run.teacher, "teacher_cache": run.teacher_cache, "trainer": type(trainer).__name__}
+    report |= {"task": task, "student": describe(student)}
     return train_and_report(trainer, args, report)
 
 

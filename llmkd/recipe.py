@@ -221,7 +221,9 @@ def load_stages(
         values["output_dir"] = (
             final_dir if k == len(stages) - 1 else os.path.join(final_dir, f"stage-{k + 1}")
         )
-        classes = trainer_classes(values.get("trainer", "distill")) if run_cls is RunConfig else None
+        classes = (
+            trainer_classes(values.get("trainer", "distill")) if issubclass(run_cls, RunConfig) else None
+        )
         out.append(split_config(values, run_cls, classes[1] if classes else args_cls))
     return out
 

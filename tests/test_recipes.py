@@ -139,6 +139,7 @@ def tiny_lm(tmp_path_factory):
 def test_every_llm_recipe_is_covered():
     assert {p.stem for p in LLM_RECIPES} == {
         "smollm2_smoke",
+        "smollm2_cached",
         "qwen2.5_1.5b_to_0.5b",
         "qwen2.5_on_policy",
         "uld_qwen2.5_to_smollm2",
@@ -172,10 +173,22 @@ def test_llm_recipe_smoke(recipe, tiny_lm, tmp_path):
         flags += ["--dataset_name", "null", "--dataset_config", "null"]
     if values.get("trainer") == "on_policy":
         flags += ["--max_new_tokens", "4", "--max_prompt_length", "8"]
+    if "teacher_cache" in values:  # the same recipe first writes the cache, then trains from it
+        from llmkd.logit_cache.command import cache_teacher
+
+        flags += [
+            "--teacher_cache",
+            str(tmp_path / "cache"),
+            "--cache_top_k",
+            "8",
+        ]  # the tiny vocabulary has 62
+        manifest = cache_teacher(str(recipe), flags)
+        assert manifest["k"] == 8 and manifest["num_rows"] > 0
     report = distill(str(recipe), flags)
     assert report["task"] == "causal_lm"
     expected = {"on_policy": "OnPolicyTrainer", "cross_tokenizer": "CrossTokenizerTrainer"}
-    assert report["trainer"] == expected.get(values.get("trainer"), "DistillationTrainer")
+    default = "CachedDistillationTrainer" if "teacher_cache" in values else "DistillationTrainer"
+    assert report["trainer"] == expected.get(values.get("trainer"), default)
     assert not cross or report["eval"]["eval_distill/uld"] > 0  # the ULD term ran on both token streams
     assert report["student"]["layers"] == (2 if "student" in values else len(range(0, 6, 10)))
     assert (tmp_path / "out" / "model.safetensors").is_file()
