@@ -205,6 +205,9 @@ def fused_logits_apply(student: nn.Module, teacher: nn.Module, terms, args) -> b
     for model in (student, teacher):
         if task_of(model) != CAUSAL_LM or output_head(model) is None:
             return False
+        # A LoRA-adapted, fake-quantised or 4-bit head computes its logits from more than `.weight`.
+        if type(output_head(model)) not in (nn.Linear, nn.Embedding):
+            return False
         if any(getattr(text_config(model), k, None) not in (None, 1.0) for k in LOGIT_TRANSFORMS):
             return False
         if "logits_to_keep" not in inspect.signature(base_model(model).forward).parameters:
