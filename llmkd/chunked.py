@@ -4,8 +4,10 @@ For causal LMs the vocabulary (32k-152k entries) dominates memory: a plain logit
 ``(N, V)`` tensors (upcasts, log-softmaxes, their exponentials, the mixture of a JSD) alive until backward.
 Here each chunk's value and gradient are computed together in the forward pass and only the gradient is
 kept, so at most one chunk of ``(chunk_size, V)`` float32 temporaries exists at a time, backward included.
-The maths is the per-position loss of ``LOSSES["logits"]`` (one source of truth) and the reduction is
-:func:`~llmkd.losses.masked_mean`'s: a masked sum divided by ``num_items``.
+The maths is the per-position loss of ``LOSSES["logits"]`` and the reduction is
+:func:`~llmkd.losses.masked_mean`'s: a masked sum divided by ``num_items``. forward_kl (kl), soft_ce,
+reverse_kl and jsd use closed-form gradients with in-place ops (3-4 ``(chunk_size, V)`` tensors at a
+chunk's peak, tested equal to autograd of the plain loss); the other losses use autograd per chunk (6-11).
 
 - :func:`chunked_logit_loss` starts from the logits; it stores one ``(N, V)`` gradient in the input dtype.
 - :func:`fused_logit_distillation` starts from the final hidden states and the two lm_head weights, so no
@@ -18,10 +20,13 @@ Kernel: Efficient Triton Kernels for LLM Training", arXiv 2410.10989) and Cut Cr
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 import torch.nn.functional as F
 
-from llmkd.losses import get_loss, masked_mean
+from llmkd.losses import forward_kl, get_loss, jsd, masked_mean, reverse_kl, soft_ce
 
 Tensor = torch.Tensor
 
@@ -64,10 +69,10 @@ def _supervised_chunks(mask: Tensor, chunk_size: int) -> list[tuple[int, int]]:
     return [(start, min(start + chunk_size, n)) for start, kept in zip(starts, keep) if kept]
 
 
-def _scale(mask: Tensor, num_items: int | float | Tensor | None) -> Tensor:
+def _scale(mask: Tensor, num_items: int | float | Tensor | None, dtype: torch.dtype) -> Tensor:
     """1 / num_items (default: the mask count), or 0 when there are no items: masked_mean of a single 1."""
     count = mask.sum() if num_items is None else num_items
-    return masked_mean(torch.ones((), device=mask.device), num_items=count)
+    return masked_mean(torch.ones((), dtype=_compute_dtype(dtype), device=mask.device), num_items=count)
 
 
 def _validate(loss_fn, student: Tensor, teacher: Tensor, temperature: float, params: dict) -> None:
@@ -76,25 +81,144 @@ def _validate(loss_fn, student: Tensor, teacher: Tensor, temperature: float, par
         loss_fn(student[:0], teacher[:0], temperature=temperature, **params)
 
 
-def _chunk_grad(loss_fn, student_chunk, teacher_chunk, mask_chunk, scale, temperature, params, needs_grad):
-    """(masked sum of the chunk's loss × scale, its float gradient w.r.t. the student chunk or None)."""
+def _chunk_grad(loss_fn, logits, mask_chunk, scale, temperature, params, needs_grad, owned=False):
+    """(masked sum of the chunk's loss × scale, its float gradient w.r.t. the student chunk or None).
+
+    ``logits()`` gives the (student, teacher) chunk; a callable, so that the only references to the fused
+    path's freshly computed chunk logits are the kernel's own and it can drop them early.
+    """
+    lean = _LEAN.get(loss_fn)
+    if lean is not None:  # the kernel scales its gradient (one pass fewer)
+        values, grad = lean(logits, temperature, scale / temperature, needs_grad, owned, **params)
+    else:
+        values, grad = _autograd_chunk(loss_fn, *logits(), mask_chunk, temperature, params, needs_grad)
+        grad = None if grad is None else grad.mul_(scale)
+    # torch.where, not values * mask: a masked row may hold NaN (padding), and 0 * NaN is NaN.
+    total = torch.where(mask_chunk, values, 0.0).sum() * scale
+    if grad is None or mask_chunk.all():
+        return total, grad
+    # Masked rows get 0 even when their logits are NaN.
+    return total, grad.masked_fill_(~mask_chunk.unsqueeze(-1), 0.0)
+
+
+def _autograd_chunk(loss_fn, student_chunk, teacher_chunk, mask_chunk, temperature, params, needs_grad):
+    """(per-position values, their summed gradient w.r.t. the student chunk) by autograd of the plain loss."""
     with torch.enable_grad():
         # A detached leaf in the compute dtype: the gradient comes back in float32, not the input dtype.
         leaf = student_chunk.detach().to(_compute_dtype(student_chunk.dtype)).requires_grad_(needs_grad)
         values = loss_fn(leaf, teacher_chunk, temperature=temperature, **params)
-        # torch.where, not values * mask: a masked row may hold NaN (padding), and 0 * NaN is NaN.
-        total = torch.where(mask_chunk, values, 0.0).sum() * scale
         if not needs_grad:
-            return total.detach(), None
-        (grad,) = torch.autograd.grad(total, leaf)
-    # Masked rows already get 0 from torch.where unless their logits are NaN; make it exact.
-    return total.detach(), grad.masked_fill_(~mask_chunk.unsqueeze(-1), 0.0)
+            return values.detach(), None
+        (grad,) = torch.autograd.grad(torch.where(mask_chunk, values, 0.0).sum(), leaf)
+    return values.detach(), grad
 
 
 def _scaled(grad: Tensor | None, grad_output: Tensor) -> Tensor | None:
     # In place: the saved gradient is as large as the input, and a copy would double the peak in backward.
     # A second backward through the same graph then fails autograd's saved-tensor version check.
     return None if grad is None else grad.mul_(grad_output.to(grad.dtype))
+
+
+# lean per-chunk kernels --------------------------------------
+# Closed-form value and d value / d student logits of the most used losses, with in-place ops, so that a chunk
+# holds at most 4 (jsd) or 3 (the KLs) (chunk, V) float tensors instead of the 6-11 of autograd through the
+# plain loss, and makes fewer passes over them. They follow llmkd.losses exactly (the same -inf floor, fully
+# -inf rows give 0); tests/test_chunked.py checks values and gradients against the plain path. The other
+# losses go through autograd (_autograd_chunk).
+def _log_probs(logits: Tensor, temperature: float, owned: bool) -> tuple[Tensor, Tensor | None, Tensor]:
+    """llmkd.losses._log_softmax of a chunk: (floored log p (rows, V), its -inf entries or None, -inf rows).
+
+    ``owned``: the logits are a temporary of the caller (the fused path's matmul) and may be overwritten.
+    """
+    compute = _compute_dtype(logits.dtype)
+    dead = logits.amax(-1) == -math.inf
+    fresh = owned or logits.dtype != compute  # x below may then be overwritten
+    x = logits.to(compute)
+    if dead.any():  # a fully -inf row would be NaN; its loss is zeroed later
+        x, fresh = x.masked_fill(dead.unsqueeze(-1), 0.0), True
+    if temperature != 1:
+        x = x.div_(temperature) if fresh else x / temperature
+    log_p = x.log_softmax(-1)
+    del x
+    neg_inf = None
+    if torch.isneginf(log_p.amin(-1)).any():  # checked on row minima: no (rows, V) mask when there is none
+        neg_inf = torch.isneginf(log_p)
+        log_p.masked_fill_(neg_inf, math.log(torch.finfo(compute).tiny))
+    return log_p, neg_inf, dead
+
+
+def _chunk_log_probs(logits, temperature, owned):
+    """(log p_S, its -inf entries, log p_T, rows dead on either side) of the chunk that ``logits()`` gives;
+    each side's logits are dropped as soon as they are read (the fused path's are temporaries)."""
+    zs, zt = logits()
+    log_ps, neg_inf_s, dead_s = _log_probs(zs, temperature, owned)
+    del zs
+    log_pt, _, dead_t = _log_probs(zt, temperature, owned)
+    return log_ps, neg_inf_s, log_pt, dead_s | dead_t
+
+
+def _finish(values, grad_log_ps, p_s, neg_inf_s, dead, factor):
+    """(values, factor · d values / d x_S), x_S = z_S / T, from g = d values / d log p_S: g − p_S·Σg.
+
+    As in the plain path, -inf student entries get no gradient (its torch.where) and dead rows give 0.
+    """
+    if dead.any():
+        values = values.masked_fill(dead, 0.0)
+    if grad_log_ps is None:
+        return values, None
+    if neg_inf_s is not None:
+        grad_log_ps.masked_fill_(neg_inf_s, 0.0)
+        p_s.masked_fill_(neg_inf_s, 0.0)  # the true softmax: exactly 0 there, not exp(floor)
+    grad = grad_log_ps.addcmul_(p_s, grad_log_ps.sum(-1, keepdim=True), value=-1.0).mul_(factor)
+    return values, grad.masked_fill_(dead.unsqueeze(-1), 0.0) if dead.any() else grad
+
+
+def _lean_forward_kl(logits, temperature, factor, needs_grad, owned, *, cross_entropy=False):
+    """KL(p_T ‖ p_S) = Σ p_T (log p_T − log p_S) (soft CE: −Σ p_T log p_S); d/d log p_S = −p_T."""
+    log_ps, neg_inf_s, log_pt, dead = _chunk_log_probs(logits, temperature, owned)
+    p_t = log_pt.exp()
+    terms = torch.mul(p_t, log_ps, out=log_pt).neg_() if cross_entropy else log_pt.sub_(log_ps).mul_(p_t)
+    values = terms.sum(-1)
+    del terms, log_pt
+    grad = p_t.neg_() if needs_grad else None
+    return _finish(values, grad, log_ps.exp_(), neg_inf_s, dead, factor)
+
+
+def _lean_reverse_kl(logits, temperature, factor, needs_grad, owned):
+    """KL(p_S ‖ p_T) = Σ p_S (log p_S − log p_T); d/d log p_S = p_S (log p_S − log p_T + 1)."""
+    log_ps, neg_inf_s, log_pt, dead = _chunk_log_probs(logits, temperature, owned)
+    p_s = log_ps.exp()
+    terms = log_pt.neg_().add_(log_ps).mul_(p_s)
+    del log_ps
+    values = terms.sum(-1)
+    grad = terms.add_(p_s) if needs_grad else None
+    return _finish(values, grad, p_s, neg_inf_s, dead, factor)
+
+
+def _lean_jsd(logits, temperature, factor, needs_grad, owned, *, beta=0.5):
+    """β·KL(p_T ‖ m) + (1 − β)·KL(p_S ‖ m); d/d log p_S = (1 − β)·p_S (log p_S − log m): the terms through
+    log m cancel because β p_T + (1 − β) p_S = m."""
+    log_ps, neg_inf_s, log_pt, dead = _chunk_log_probs(logits, temperature, owned)
+    log_m = log_ps + math.log1p(-beta)
+    shifted = log_pt + math.log(beta)
+    torch.logaddexp(log_m, shifted, out=log_m)  # log m, as llmkd.losses._log_mix
+    del shifted
+    p = log_pt.exp()
+    values = log_pt.sub_(log_m).mul_(p).sum(-1).mul_(beta)
+    torch.exp(log_ps, out=p)  # from here on p is p_S
+    terms = torch.sub(log_ps, log_m, out=log_pt).mul_(p)
+    del log_m, log_ps
+    values.add_(terms.sum(-1), alpha=1 - beta)
+    grad = terms if needs_grad else None
+    return _finish(values, grad, p, neg_inf_s, dead, factor * (1 - beta))
+
+
+_LEAN = {
+    forward_kl: _lean_forward_kl,
+    soft_ce: functools.partial(_lean_forward_kl, cross_entropy=True),
+    reverse_kl: _lean_reverse_kl,
+    jsd: _lean_jsd,
+}
 
 
 # logits in, chunk by chunk -----------------------------------
@@ -108,8 +232,7 @@ class _ChunkedLogitLoss(torch.autograd.Function):
         for start, stop in _supervised_chunks(mask, chunk_size):
             value, chunk_grad = _chunk_grad(
                 loss_fn,
-                student[start:stop],
-                teacher[start:stop],
+                lambda: (student[start:stop], teacher[start:stop]),  # noqa: B023 - called in this iteration
                 mask[start:stop],
                 scale,
                 temperature,
@@ -119,6 +242,7 @@ class _ChunkedLogitLoss(torch.autograd.Function):
             total += value
             if needs_grad:
                 grad[start:stop] = chunk_grad  # cast to the input dtype on copy
+            del chunk_grad  # else it lives on through the next chunk's peak
         ctx.save_for_backward(grad)
         return total
 
@@ -148,9 +272,9 @@ def chunked_logit_loss(
     position over slicing it off).
 
     Memory: the ``(N, V)`` gradient in the input dtype is saved for backward (the size of the logits
-    themselves); beyond it, only one chunk of ``(chunk_size, V)`` float32 temporaries is alive at a time:
-    the plain loss's own and its backward's, about 10 (forward_kl) to 14 (jsd) such tensors at the peak
-    (measured on CPU), so pick ``chunk_size`` for that, e.g. 256 rows at V = 152k is ≈ 2 GB.
+    themselves); beyond it, only one chunk of ``(chunk_size, V)`` float32 temporaries is alive at a time,
+    measured by the allocator: 4 (jsd) or 3 (forward_kl, soft_ce, reverse_kl) such tensors plus two bool
+    masks, 6-11 for the losses without a closed form; e.g. 32 rows at V = 152k is ≈ 80 MB for jsd.
     Fully masked chunks are skipped; masked positions get exactly zero gradient. ``teacher_logits`` gets no
     gradient (a frozen teacher). Backward scales the saved gradient in place, so it runs once per forward.
     No T² factor: the caller applies it, as for the plain losses.
@@ -172,7 +296,7 @@ def chunked_logit_loss(
         student,
         teacher,
         flat_mask,
-        _scale(flat_mask, num_items),
+        _scale(flat_mask, num_items, student.dtype),
         loss_fn,
         temperature,
         params,
@@ -199,13 +323,13 @@ class _FusedLogitDistillation(torch.autograd.Function):
             h = hs[start:stop]
             value, g = _chunk_grad(
                 loss_fn,
-                F.linear(h, ws, bs),
-                F.linear(ht[start:stop], wt, bt),
+                lambda: (F.linear(h, ws, bs), F.linear(ht[start:stop], wt, bt)),  # noqa: B023 - called now
                 mask[start:stop],
                 scale,
                 temperature,
                 params,
                 any(needs),
+                owned=True,
             )
             total += value
             if need_h:
@@ -214,6 +338,7 @@ class _FusedLogitDistillation(torch.autograd.Function):
                 grad_w.addmm_(g.T, h.to(compute))
             if need_b:
                 grad_b += g.sum(0)
+            del g  # else it lives on through the next chunk's peak
         ctx.save_for_backward(
             grad_h,
             None if grad_w is None else grad_w.to(ws.dtype),
@@ -262,9 +387,8 @@ def fused_logit_distillation(
     require grad); the teacher side gets none. Per chunk the logit gradient g is contracted at once:
     ∂/∂h_S[chunk] = g W_S and ∂/∂W_S += gᵀ h_S[chunk], ∂/∂b_S += Σ_rows g.
 
-    Memory: no ``(N, V)`` tensor exists. Peak extra ≈ 10 (forward_kl) to 14 (jsd) ``(chunk_size, V)``
-    float32 tensors, as measured on CPU (both chunks' logits, the loss's temporaries and their backward, g;
-    256 rows at V = 152k is ≈ 2 GB), independent of N, plus what is saved for backward: the gradients of the
+    Memory: no ``(N, V)`` tensor exists. Peak extra, independent of N: as chunked_logit_loss's chunk (the
+    chunk's logits are overwritten in place), plus what is saved for backward: the gradients of the
     student hidden states ``(N, H_S)`` and head ``(V, H_S)``, and a float32 ``(V, H_S)`` accumulator when
     the head is not float32. Backward scales them in place, so it runs once per forward. Compute is that
     of the plain path (two logit matmuls plus two gradient matmuls); fully masked chunks are skipped.
@@ -296,7 +420,7 @@ def fused_logit_distillation(
         student_head_bias,
         *teacher,
         flat_mask,
-        _scale(flat_mask, num_items),
+        _scale(flat_mask, num_items, student_hidden.dtype),
         loss_fn,
         temperature,
         params,

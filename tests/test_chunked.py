@@ -14,6 +14,17 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from llmkd import chunked as chunked_module
+from llmkd.bench_losses import (
+    _peak_extra,
+    allocator_peak,
+    check_measure,
+    compare_to_naive,
+    logit_loss,
+    markdown_table,
+    naive_jsd,
+    run_case,
+)
 from llmkd.chunked import chunked_logit_loss, fused_logit_distillation
 from llmkd.losses import LOSSES, masked_mean
 
@@ -360,3 +371,136 @@ def test_no_import_cycle_whichever_module_comes_first(first):
         "from llmkd.losses import chunked_logit_loss as a; from llmkd.chunked import chunked_logit_loss as b"
     )
     subprocess.run([sys.executable, "-c", f"{first}; {check}; assert a is b"], check=True)
+
+
+# ------------------------------------------------------------------ the lean kernels (closed-form gradients)
+
+LEAN_NAMES = ["forward_kl", "soft_ce", "reverse_kl", "jsd"]
+
+
+@pytest.mark.parametrize("name", LEAN_NAMES)
+def test_lean_kernels_match_plain_in_float64(name):
+    """Closed-form value and gradient == autograd of the plain loss to float64 precision, with -inf columns,
+    fully -inf rows on either side (their loss and gradient are 0) and T != 1."""
+    s, t = (
+        randn(N, V, seed=1, scale=3, dtype=torch.float64),
+        randn(N, V, seed=2, scale=3, dtype=torch.float64),
+    )
+    t[:, -5:] = -float("inf")
+    s[:, 0] = -float("inf")
+    s[3] = -float("inf")  # a dead student row
+    t[11] = -float("inf")  # a dead teacher row
+    assert chunked_module._LEAN.get(LOSSES["logits"][name]) is not None  # the lean path is what runs here
+    kwargs = {"temperature": 1.7, "num_items": NUM_ITEMS}
+    expected, (grad_expected,) = value_and_grads(lambda x: plain_loss(name, x, t, **kwargs), s)
+    value, (grad,) = value_and_grads(
+        lambda x: chunked_logit_loss(x, t, loss=name, chunk_size=7, **kwargs, **PARAMS.get(name, {})), s
+    )
+    assert value.dtype == torch.float64
+    assert_close(value, expected, rtol=1e-12, atol=1e-12)
+    assert_close(grad, grad_expected, rtol=1e-10, atol=1e-12)
+    assert grad[3].abs().max() == 0 and grad[11].abs().max() == 0 and grad[:, 0].abs().max() == 0
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "jsd"])
+def test_lean_kernels_never_see_more_than_one_chunk(monkeypatch, name):
+    """The structural property for the closed-form path (the row_spy tests cover the autograd path)."""
+    rows: list[int] = []
+
+    def spy(kernel):
+        def wrapped(logits, *args, **kwargs):
+            zs, zt = logits()
+            rows.append(len(zs))
+            return kernel(lambda: (zs, zt), *args, **kwargs)
+
+        return wrapped
+
+    for fn, kernel in list(chunked_module._LEAN.items()):
+        monkeypatch.setitem(chunked_module._LEAN, fn, spy(kernel))
+    s, t = randn(N, V, seed=1).requires_grad_(), randn(N, V, seed=2)
+    chunked_logit_loss(s, t, loss=name, chunk_size=8).backward()
+    assert rows and max(rows) <= 8 and sum(rows) == N
+    rows.clear()
+    fused(name, *student_grads(head_inputs()), chunk_size=8).backward()
+    assert rows and max(rows) <= 8 and sum(rows) == N
+
+
+# ------------------------------------------------------------------ memory, measured by the allocator
+
+
+def test_allocator_peak_is_exact():
+    """The benchmark's measure reports a known temporary and a kept tensor to the byte."""
+    check_measure()  # raises unless (4 MiB peak, 1 MiB kept) is measured exactly
+    kept = []
+    peak, end = allocator_peak(lambda: kept.append(torch.empty(1000, 10)) or torch.empty(7, 3).exp_())
+    assert (peak, end) == (40_000 + 84, 40_000)
+
+
+def loss_memory(path: str, loss: str, n: int, v: int, chunk: int) -> dict:
+    """The benchmark's peak extra (in units of one float32 (n, v) tensor) of a loss from the logits."""
+    s, t = randn(n, v, seed=1).requires_grad_(), randn(n, v, seed=2)
+    mask = torch.ones(n, dtype=torch.bool)
+    case = {"device": "cpu"}
+    row = _peak_extra(case, [s], lambda: logit_loss(path, loss, s, t, mask, chunk))
+    unit = n * v * 4 / 2**20
+    return {k: value / unit for k, value in row.items()}
+
+
+def test_peak_extra_memory_of_naive_and_chunked():
+    """Naive JSD holds ≥ 12 (N, V) float32 temporaries beyond its gradient (the negative control: a path
+    that materialises full (N, V) tensors is reported as such); chunked holds ≤ 4 + masks (chunk, V) ones."""
+    n, v, chunk = 64, 1024, 8
+    naive = loss_memory("naive", "jsd", n, v, chunk)
+    assert naive["peak_extra_mib"] >= 12 and naive["left_over_mib"] == 0
+    for loss, lean_tensors in [("jsd", 4), ("forward_kl", 3)]:
+        chunked = loss_memory("chunked", loss, n, v, chunk)
+        assert chunked["peak_extra_mib"] * n / chunk <= lean_tensors + 0.5 and chunked["left_over_mib"] == 0
+    # The autograd path keeps more per chunk than the closed-form one (and still only one chunk's worth).
+    autograd = loss_memory("chunked", "skew_kl", n, v, chunk)["peak_extra_mib"] * n / chunk
+    assert 6 <= autograd <= 12
+
+
+def test_fused_peak_extra_memory_is_a_few_chunks():
+    hs, ws, _, ht, wt, _ = head_inputs()
+    hs.requires_grad_(), ws.requires_grad_()
+    case = {"device": "cpu"}
+    row = _peak_extra(
+        case, [hs, ws], lambda: fused_logit_distillation(hs, ws, ht, wt, loss="jsd", chunk_size=4)
+    )
+    assert row["peak_extra_mib"] * 2**20 <= 4.5 * 4 * V * 4 and row["left_over_mib"] == 0
+    row = _peak_extra(
+        case, [hs, ws], lambda: naive_jsd(hs @ ws.T, ht @ wt.T, torch.ones(N, dtype=torch.bool))
+    )
+    assert row["peak_extra_mib"] * 2**20 >= 14 * N * V * 4  # negative control: logits and their temporaries
+
+
+def test_benchmark_skips_what_does_not_fit_and_compares_side_by_side():
+    case = {"loss": "jsd", "vocab": 151936, "positions": 16384, "path": "naive", "device": "cpu"}
+    case |= {"dtype": "float32", "hidden": 576, "teacher_hidden": 576, "chunk_size": 32}
+    row = run_case(case, budget_bytes=14 * 2**30)
+    assert row["status"].startswith("skipped") and "peak_extra_mib" not in row
+    rows = [
+        {
+            **case,
+            "status": "ok",
+            "path": "naive",
+            "peak_extra_mib": 100.0,
+            "loss_time_s": 2.0,
+            "step_time_s": 4.0,
+            "value": 1.0,
+        },
+        {
+            **case,
+            "status": "ok",
+            "path": "chunked",
+            "peak_extra_mib": 5.0,
+            "loss_time_s": 1.0,
+            "step_time_s": 2.0,
+            "value": 1.5,
+        },
+        {**case, "path": "fused", "status": "skipped: test"},
+    ]
+    compare_to_naive(rows)
+    assert rows[1]["memory_vs_naive"] == 0.05 and rows[1]["loss_time_vs_naive"] == 0.5
+    assert rows[1]["value_rel_diff"] == 0.5 and "memory_vs_naive" not in rows[2]
+    assert "skipped: test" in markdown_table(rows)

@@ -52,10 +52,13 @@ def one_step_update(pair, batch, accumulation, tmp_path, trainer_cls=Distillatio
 
 
 def test_fused_logit_path_gives_the_plain_update(llama_pair, tmp_path):
-    """Logit-only causal-LM terms run from hidden states + lm_head in chunks; the update must not change."""
+    """Logit-only causal-LM terms run from hidden states + lm_head in chunks; the update must not change.
+
+    In float64: the fused path's closed-form gradients and autograd's round differently in float32, and on an
+    update this small (the updates of some tensors are mostly cancellation noise) that alone moves them 1e-4."""
     updates = {}
     for fused in (True, False):
-        teacher, student = (copy.deepcopy(m) for m in llama_pair)
+        teacher, student = (copy.deepcopy(m).double() for m in llama_pair)
         start = copy.deepcopy(student.state_dict())
         trainer = make_trainer(
             teacher,
@@ -77,7 +80,7 @@ def test_fused_logit_path_gives_the_plain_update(llama_pair, tmp_path):
         trainer.train()
         updates[fused] = {k: v - start[k] for k, v in student.state_dict().items()}
     assert max(v.abs().max().item() for v in updates[True].values()) > 1e-4
-    assert max_relative_gap(updates[False], updates[True]) < 1e-4
+    assert max_relative_gap(updates[False], updates[True]) < 1e-9
 
 
 def max_relative_gap(a: dict, b: dict) -> float:
