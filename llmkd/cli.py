@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return _run(argv[0], argv[1:])  # `llmkd eval --help` reaches the sub-command's own parser
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, ImportError) as err:  # ImportError: a missing optional package
         # Bad input: one clear line, no traceback (bugs still raise everything else).
         print(f"llmkd: error: {err}", file=sys.stderr)
         return 2

@@ -43,18 +43,18 @@ def build_models(run, args):
 def build_student(run, args, task: str, teacher, teacher_tok=None):
     """The student: a checkpoint (`teacher` may then be just its config), the teacher's layers, or a config."""
     config = getattr(teacher, "config", teacher)
+    if run.qlora:
+        from llmkd.lora import qlora_student
+
+        student = qlora_student(run.student, task, **_options(run.lora, "merge"), **_labels(task, config))
+        return student, AutoTokenizer.from_pretrained(run.student, trust_remote_code=run.trust_remote_code)
     if run.student is not None:
-        labels = (
-            {"num_labels": config.num_labels, "label2id": config.label2id, "id2label": config.id2label}
-            if task == SEQ_CLS
-            else {}
-        )
         student = load_model(
             run.student,
             task,
             trust_remote_code=run.trust_remote_code,
             attn_implementation=run.attn_implementation,
-            **labels,
+            **_labels(task, config),
         )
         student_tok = AutoTokenizer.from_pretrained(run.student, trust_remote_code=run.trust_remote_code)
     elif run.student_layers is not None:
@@ -68,7 +68,43 @@ def build_student(run, args, task: str, teacher, teacher_tok=None):
         student.float()
     if run.freeze_embeddings:
         student.get_input_embeddings().requires_grad_(False)
+    if run.qat is not None:
+        from llmkd.quantize import quantize_student
+
+        quantize_student(student, **_options(run.qat, "export"))
+    if run.lora is not None:
+        from llmkd.lora import lora_student
+
+        student = lora_student(student, **_options(run.lora, "merge"))
     return student, student_tok
+
+
+def _labels(task: str, config) -> dict:
+    if task != SEQ_CLS:
+        return {}
+    return {"num_labels": config.num_labels, "label2id": config.label2id, "id2label": config.id2label}
+
+
+def _options(values: dict, *drop: str) -> dict:
+    return {k: v for k, v in values.items() if k not in drop}
+
+
+def export_student(run, trainer, args) -> dict:
+    """After training: the int model (qat: export) and the merged LoRA model (lora: merge), on the main process."""
+    out = {}
+    if not trainer.is_world_process_zero():
+        return out
+    if run.qat is not None and run.qat.get("export", True):
+        from llmkd.quantize import export_quantized
+
+        out["quantized"] = os.path.join(args.output_dir, "quantized")
+        export_quantized(trainer.model, out["quantized"])
+    if run.lora is not None and run.lora.get("merge"):
+        from llmkd.lora import merge_and_save
+
+        out["merged"] = os.path.join(args.output_dir, "merged")
+        merge_and_save(trainer.model, out["merged"], trainer.processing_class)
+    return out
 
 
 def build_data(run, task: str, tokenizer, model_config=None, teacher_tokenizer=None) -> tuple:
@@ -181,7 +217,7 @@ def distill_stage(run, args) -> dict:
         "student": describe(student),
         "teacher_size": describe(teacher),
     }
-    return train_and_report(trainer, args, report)
+    return train_and_report(trainer, args, report, run)
 
 
 def distill_from_cache(run, args) -> dict:
@@ -214,7 +250,7 @@ def distill_from_cache(run, args) -> dict:
     )
     report = {"teacher": run.teacher, "teacher_cache": run.teacher_cache, "trainer": type(trainer).__name__}
     report |= {"task": task, "student": describe(student)}
-    return train_and_report(trainer, args, report)
+    return train_and_report(trainer, args, report, run)
 
 
 def finetune(config_path: str, overrides: list[str] = ()) -> dict:
@@ -250,13 +286,15 @@ def finetune(config_path: str, overrides: list[str] = ()) -> dict:
     return train_and_report(trainer, args, {"model": run.model, "size": describe(model)})
 
 
-def train_and_report(trainer, args, report: dict) -> dict:
+def train_and_report(trainer, args, report: dict, run=None) -> dict:
     """Train (resuming if asked), save the plain model, evaluate, and write llmkd_report.json atomically."""
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model()
     report["train"] = result.metrics | {"world_size": args.world_size}
     if trainer.eval_dataset is not None:
         report["eval"] = trainer.evaluate()
+    if run is not None:  # exports last: merging LoRA consumes the adapted model
+        report |= export_student(run, trainer, args)
     if trainer.is_world_process_zero():
         write_json(os.path.join(args.output_dir, REPORT), report)
     return report

@@ -87,6 +87,21 @@ class RunConfig(DataConfig):
         "steps get much cheaper on CPU; students built from the teacher's layers start from its embeddings.",
         False,
     )
+    lora: dict | None = _help(
+        "Train LoRA adapters instead of the student's weights (peft): {r: 8, alpha: 16, dropout: 0.0, "
+        "target_modules: null (all linear layers but the head), modules_to_save: null, merge: false}; checkpoints "
+        "hold the adapter; merge: true also writes output_dir/merged, a plain model."
+    )
+    qlora: bool = _help(
+        "With lora: load the student checkpoint (student: PATH) in 4-bit NF4 through bitsandbytes (QLoRA; "
+        "pip install llmkd[qlora]).",
+        False,
+    )
+    qat: dict | None = _help(
+        "Quantisation-aware distillation: {bits: 4 or 8, group_size: null or N, exclude: [lm_head, classifier, "
+        "score], export: true}: Linear layers compute with fake-quantised weights (straight-through gradients); "
+        "export writes output_dir/quantized, the int model."
+    )
     trainer: str = _help(
         "Which trainer: distill (DistillationTrainer), on_policy (GKD: student-sampled completions; its keys "
         "lmbda, seq_kd, max_new_tokens, sampling_temperature, top_k, top_p), cross_tokenizer (ULD for a "
@@ -104,6 +119,7 @@ class RunConfig(DataConfig):
         super().__post_init__()
         if self.trainer not in TRAINERS:
             raise ValueError(f"trainer={self.trainer!r}: choose one of {sorted(TRAINERS)}")
+        self._check_student_options()
         if self.student_dtype not in ("float32", "auto"):
             raise ValueError(f"student_dtype must be float32 or auto, got {self.student_dtype!r}")
         if not self.teacher:
@@ -115,6 +131,22 @@ class RunConfig(DataConfig):
             )
         if self.task not in (None, CAUSAL_LM, SEQ_CLS):
             raise ValueError(f"task={self.task!r}: use {CAUSAL_LM} or {SEQ_CLS}")
+
+    def _check_student_options(self) -> None:
+        allowed = {
+            "lora": {"r", "alpha", "dropout", "target_modules", "modules_to_save", "merge"},
+            "qat": {"bits", "group_size", "exclude", "export"},
+        }
+        for name, keys in allowed.items():
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, dict) or set(value) - keys):
+                raise ValueError(f"{name} must be a mapping with keys from {sorted(keys)}, got {value!r}")
+        if self.lora is not None and self.qat is not None:
+            raise ValueError("lora and qat together are not supported: train adapters or a quantised student")
+        if self.qlora and (self.lora is None or self.student is None):
+            raise ValueError(
+                "qlora: true needs lora: {...} and student: PATH (a checkpoint to load in 4 bits)"
+            )
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -140,6 +141,8 @@ def test_every_llm_recipe_is_covered():
     assert {p.stem for p in LLM_RECIPES} == {
         "smollm2_smoke",
         "smollm2_cached",
+        "smollm2_lora",
+        "qwen2.5_qlora",
         "qwen2.5_1.5b_to_0.5b",
         "qwen2.5_on_policy",
         "uld_qwen2.5_to_smollm2",
@@ -184,14 +187,45 @@ def test_llm_recipe_smoke(recipe, tiny_lm, tmp_path):
         ]  # the tiny vocabulary has 62
         manifest = cache_teacher(str(recipe), flags)
         assert manifest["k"] == 8 and manifest["num_rows"] > 0
+    if values.get("qlora") and importlib.util.find_spec("bitsandbytes") is None:
+        with pytest.raises(ImportError, match="bitsandbytes"):  # refused before anything is trained
+            distill(str(recipe), flags)
+        return
     report = distill(str(recipe), flags)
     assert report["task"] == "causal_lm"
     expected = {"on_policy": "OnPolicyTrainer", "cross_tokenizer": "CrossTokenizerTrainer"}
     default = "CachedDistillationTrainer" if "teacher_cache" in values else "DistillationTrainer"
     assert report["trainer"] == expected.get(values.get("trainer"), default)
     assert not cross or report["eval"]["eval_distill/uld"] > 0  # the ULD term ran on both token streams
-    assert report["student"]["layers"] == (2 if "student" in values else len(range(0, 6, 10)))
-    assert (tmp_path / "out" / "model.safetensors").is_file()
+    picked = values.get("student_layers", "every:1")  # 'every:K' of the 6-layer tiny teacher
+    assert report["student"]["layers"] == (2 if "student" in values else len(range(0, 6, int(picked[6:]))))
+    adapter = "lora" in values  # LoRA students save the adapter; merge: true adds a plain model
+    assert (tmp_path / "out" / ("adapter_model.safetensors" if adapter else "model.safetensors")).is_file()
+    if values.get("lora", {}).get("merge"):
+        assert (tmp_path / "out" / "merged" / "model.safetensors").is_file()
+        assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_qat_demo_recipe_smoke(tiny_glue, tmp_path):
+    """recipes/demo/qat_int4.yaml on a tiny teacher and a student picked from its layers: trains and exports."""
+    from llmkd.models import student_from_teacher
+
+    teacher = BertForSequenceClassification.from_pretrained(tiny_glue / "teacher")
+    student_from_teacher(teacher, [0, 6]).save_pretrained(tmp_path / "student")
+    make_tokenizer("bert").save_pretrained(tmp_path / "student")
+    flags = ["--smoke", "--output_dir", str(tmp_path / "out"), "--use_cpu", "true", "--teacher"]
+    flags += [str(tiny_glue / "teacher"), "--student", str(tmp_path / "student")]
+    flags += [
+        "--train_file",
+        str(tiny_glue / "train.jsonl"),
+        "--validation_file",
+        str(tiny_glue / "validation.jsonl"),
+    ]
+    report = distill(str(ROOT / "recipes" / "demo" / "qat_int4.yaml"), flags)
+    config = json.loads((tmp_path / "out" / "quantized" / "quantization_config.json").read_text())
+    assert report["quantized"] == str(tmp_path / "out" / "quantized")
+    assert {layer["bits"] for layer in config["layers"].values()} == {4}
+    assert "eval_accuracy" in report["eval"]
 
 
 def yaml_keys(path: Path) -> dict:
