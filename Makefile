@@ -23,6 +23,11 @@ test: install
 demo: install
 	$(PY) recipes/demo.py
 
+# Data-free distillation (issue 4): SmolLM2 writes the transfer sets; reuses `make demo`'s teacher (or makes it).
+.PHONY: demo-data-free
+demo-data-free: install
+	$(PY) recipes/demo_data_free.py
+
 quality: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
