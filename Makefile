@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test demo quality style bench clean
+.PHONY: install test demo demo-data-free quality style bench clean
 
 install: $(STAMP)
 
@@ -24,7 +24,6 @@ demo: install
 	$(PY) recipes/demo.py
 
 # Data-free distillation (issue 4): SmolLM2 writes the transfer sets; reuses `make demo`'s teacher (or makes it).
-.PHONY: demo-data-free
 demo-data-free: install
 	$(PY) recipes/demo_data_free.py
 
@@ -36,11 +35,16 @@ style: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-# The demo with 3 seeds per student method (reuses the demo's teacher and seed-42 students, adds two seeds), then
-# the loss memory/time benchmark: naive vs chunked vs fused logit distillation, side by side in one run.
+# The demo with 3 seeds per student method (reuses the demo's teacher and seed-42 students, adds two seeds); the
+# loss memory/time benchmark (naive vs chunked vs fused, side by side in one run; naive cases that do not fit are
+# skipped); the teacher-logit cache's size/faithfulness and training-step costs; batched sampling vs generate().
 bench: install
 	$(PY) recipes/demo.py --seeds 3
-	$(PY) -m llmkd.bench_losses --positions 4096 --vocab 49152 151936 --chunk-size 256 --out runs/bench/losses.json
+	$(PY) -m llmkd.bench_losses --losses jsd --vocab 49152 --positions 4096 --chunk-size 32 --threads 1 --repeats 2 --memory-budget-gib 14 --out runs/bench/losses_v49k.json
+	$(PY) -m llmkd.bench_losses --losses jsd --vocab 151936 --positions 1024 4096 --chunk-size 32 --threads 1 --repeats 2 --memory-budget-gib 14 --out runs/bench/losses_v152k.json
+	$(PY) -m llmkd.bench_steps --what faithfulness --out runs/bench/cache_faithfulness.json
+	$(PY) -m llmkd.bench_steps --what steps --out runs/bench/cache_steps.json
+	$(PY) -m llmkd.bench_generation --out runs/bench/generation.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

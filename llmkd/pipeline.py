@@ -61,6 +61,10 @@ def build_student(run, args, task: str, teacher, teacher_tok=None):
         student, student_tok = student_from_teacher(teacher, run.student_layers), teacher_tok
     else:
         student, student_tok = student_from_config(teacher, run.student_config, seed=args.seed), teacher_tok
+    if (
+        run.student is None
+    ):  # a student made from the teacher is not the teacher: no adapter may name it as base
+        student.config._name_or_path = ""
     if run.student_dtype == "float32" and student.dtype != torch.float32:
         logger.info(
             "student weights %s -> float32 for training (student_dtype: auto keeps them)", student.dtype
@@ -170,6 +174,8 @@ def _encode(run, data, task: str, tokenizers, columns, names):
 
 
 def collator_of(run, task: str, tokenizer):
+    if prompt_column(run) and task != CAUSAL_LM:
+        raise ValueError(f"prompt_column is for causal LMs (prompt/completion data); this is a {task} run")
     return PromptCompletionCollator(tokenizer) if prompt_column(run) else collator_for(task, tokenizer)
 
 
@@ -230,8 +236,9 @@ def distill_from_cache(run, args) -> dict:
             "tokenizations need the live teacher; remove teacher_cache"
         )
     cached = CachedTeacher(run.teacher_cache)
+    # Resolved as `llmkd cache-teacher` resolved them, so that the teacher's fingerprint key matches.
+    run.teacher, run.student = resolve_path(run.teacher), resolve_path(run.student)
     if run.student is not None:
-        run.student = resolve_path(run.student)
         student, student_tok = build_student(run, args, cached.task, cached.config)
     else:  # student_layers / student_config copy the teacher's weights once; the teacher is freed before training
         _, teacher, teacher_tok, student, student_tok = build_models(run, args)

@@ -147,6 +147,10 @@ class RunConfig(DataConfig):
             raise ValueError(
                 "qlora: true needs lora: {...} and student: PATH (a checkpoint to load in 4 bits)"
             )
+        if self.qlora and self.lora.get("merge"):
+            raise ValueError(
+                "lora: {merge: true} cannot fold adapters into a 4-bit base; drop merge for qlora"
+            )
 
 
 @dataclass
@@ -257,6 +261,11 @@ def load_stages(
             trainer_classes(values.get("trainer", "distill")) if issubclass(run_cls, RunConfig) else None
         )
         out.append(split_config(values, run_cls, classes[1] if classes else args_cls))
+    early = [
+        k + 1 for k, (run, _) in enumerate(out[:-1]) if getattr(run, "lora", None) or getattr(run, "qlora", 0)
+    ]
+    if early:  # stage k+1 loads stage k's output as a full model, but a LoRA stage saves only an adapter
+        raise ValueError(f"lora/qlora in stage(s) {early}: LoRA may only be set on the last stage")
     return out
 
 

@@ -240,3 +240,56 @@ def test_embedded_model_names_resolve_or_fail_clearly():
     assert resolve_path("some/hub-id") == "some/hub-id" and resolve_path(None) is None
     with pytest.raises(ValueError, match="embedded:smollm2-135m-instruct"):
         resolve_path("embedded:smollm3")
+
+
+def test_cached_recipe_with_an_embedded_teacher(tiny_lm, tmp_path, monkeypatch):
+    """`teacher: embedded:…` resolves the same way in cache-teacher and distill, so the fingerprints agree."""
+    import sys
+    import types
+
+    from llmkd.logit_cache.command import cache_teacher
+
+    fake = types.SimpleNamespace(path=lambda: str(tiny_lm / "teacher"))
+    monkeypatch.setitem(sys.modules, "tiny_embedded", fake)
+    monkeypatch.setitem(
+        __import__("llmkd.models").models.EMBEDDED,
+        "embedded:smollm2-135m-instruct",
+        ("tiny_embedded", "path"),
+    )
+    recipe = str(ROOT / "recipes" / "llm" / "smollm2_cached.yaml")
+    flags = ["--smoke", "--output_dir", str(tmp_path / "out"), "--use_cpu", "true", "--cache_top_k", "8"]
+    flags += [
+        "--train_file",
+        str(tiny_lm / "train.jsonl"),
+        "--validation_file",
+        str(tiny_lm / "validation.jsonl"),
+    ]
+    flags += ["--teacher_cache", str(tmp_path / "cache")]
+    assert cache_teacher(recipe, flags)["num_rows"] > 0
+    assert distill(recipe, flags)["trainer"] == "CachedDistillationTrainer"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"stages": [{"lora": {"r": 4}}, {}]}, "LoRA may only be set on the last stage"),
+        ({"student": "s", "qlora": True, "lora": {"merge": True}}, "cannot fold adapters into a 4-bit base"),
+        ({"student": "s", "lora": {"rank": 4}}, "lora must be a mapping with keys from"),
+        ({"student": "s", "lora": {"r": 4}, "qat": {"bits": 4}}, "lora and qat together"),
+    ],
+)
+def test_student_option_errors_come_before_any_model_is_loaded(extra, message, tmp_path):
+    from llmkd.recipe import load_stages
+
+    values = {"teacher": "t", "student_layers": [0], "train_file": "x.jsonl"} | extra
+    if "student" in extra:
+        values.pop("student_layers")
+    (tmp_path / "r.yaml").write_text(json.dumps(values))  # JSON is YAML
+    with pytest.raises(ValueError, match=message):
+        load_stages(str(tmp_path / "r.yaml"), [])
+
+
+def test_prompt_column_on_a_classifier_is_refused(tiny_glue, tmp_path):
+    flags = [*smoke_flags(tiny_glue, tmp_path / "out"), "--teacher", str(tiny_glue / "teacher")]
+    with pytest.raises(ValueError, match="prompt_column is for causal LMs"):
+        distill(str(ROOT / "recipes" / "glue" / "logits_only.yaml"), [*flags, "--prompt_column", "sentence"])

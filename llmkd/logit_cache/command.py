@@ -58,10 +58,19 @@ def cache_teacher(config_path: str, overrides: list[str] = ()) -> dict:
     Same models and tokenisation as `llmkd distill` (llmkd.pipeline.build_data with the tokenizer the student
     uses), so the distillation run finds every row. The teacher runs on `args.device` (a GPU when there is one).
     """
-    from llmkd.models import detect_task, load_model
+    from llmkd.models import detect_task, load_model, resolve_path
     from llmkd.pipeline import build_data
 
-    run, args = load_stages(config_path, list(overrides), CacheRunConfig, DistillationConfig)[-1]
+    stages = load_stages(config_path, list(overrides), CacheRunConfig, DistillationConfig)
+    if (
+        len(stages) > 1
+    ):  # a later stage's student (and its tokenizer) exists only after the earlier stages ran
+        raise ValueError(
+            f"{config_path} has {len(stages)} stages; cache the teacher for a one-stage recipe (e.g. the last "
+            "stage's keys with student: set to the previous stage's output)"
+        )
+    run, args = stages[0]
+    run.teacher, run.student = resolve_path(run.teacher), resolve_path(run.student)
     if not run.teacher_cache:
         raise ValueError(
             "no cache folder: set teacher_cache: FOLDER in the recipe or pass --teacher_cache FOLDER"
