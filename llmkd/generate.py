@@ -39,6 +39,9 @@ def _device():
 
 
 def _load(kind, name: str, revision: str | None, trust: bool):
+    from llmkd.models import resolve_path  # `embedded:smollm2-135m-instruct` and the like
+
+    name = resolve_path(name)
     model, info = kind.from_pretrained(
         name, revision=revision, trust_remote_code=trust, output_loading_info=True
     )

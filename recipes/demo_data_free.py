@@ -232,7 +232,10 @@ def causal_stage(args, out: Path, model, tokenizer) -> dict:
     samples = cached(out / "teacher_samples.json", lambda: teacher_samples(args, out, model, tokenizer))
     init = out / "causal-init"
     if not (init / "config.json").is_file():
-        student_from_teacher(model, "every:5").save_pretrained(init)
+        # 6 evenly spaced layers, first and last included: dropping the last layer (every:5) leaves the final
+        # norm and head reading a representation they never saw (perplexity ~1e8 before training).
+        n = model.config.num_hidden_layers
+        student_from_teacher(model, sorted({round(i * (n - 1) / 5) for i in range(6)})).save_pretrained(init)
         tokenizer.save_pretrained(init)
     overrides = ["--teacher", args.generator, "--student", str(init)]
     overrides += ["--train_file", str(out / "teacher-samples" / "train.jsonl")]
