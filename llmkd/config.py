@@ -160,12 +160,16 @@ class DistillationConfig(TrainingArguments):
         if not isinstance(self.terms, (list, tuple)):
             raise ValueError(f"terms must be a list of term mappings, got {self.terms!r}")
         self.terms = [parse_term(t, i) for i, t in enumerate(self.terms)]
-        if not self.terms and self.hard_label_weight == 0:
-            raise ValueError("nothing to train on: no distillation terms and hard_label_weight=0; add a term")
+        self._check_something_to_train()
         names = [t.name for t in self.terms]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates and len(set(zip(names, (t.layer_map for t in self.terms)))) < len(names):
             raise ValueError(f"terms repeat {duplicates} with the same layer_map; merge them into one term")
+
+    def _check_something_to_train(self) -> None:
+        # A hook: trainers with a loss of their own (e.g. ULD) count that loss too.
+        if not self.terms and self.hard_label_weight == 0:
+            raise ValueError("nothing to train on: no distillation terms and hard_label_weight=0; add a term")
 
     def to_dict(self):
         # Terms are frozen dataclasses; keep the serialised TrainingArguments JSON-friendly.

@@ -22,10 +22,9 @@ from typing import Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
-from transformers import TrainingArguments
 
 from llmkd import alignment as A
-from llmkd.config import TEACHER_DTYPES, DistillationConfig
+from llmkd.config import DistillationConfig
 from llmkd.losses import masked_mean
 from llmkd.trainer import COUNT_KINDS, DistillationTrainer
 
@@ -240,27 +239,21 @@ class CrossTokenizerConfig(DistillationConfig):
     )
 
     def __post_init__(self):
-        # DistillationConfig's checks assume terms; the ones that apply here are repeated below.
-        TrainingArguments.__post_init__(self)
-        if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature!r}; ULD uses 1.0")
-        for name in ("hard_label_weight", "uld_weight"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if self.hard_label_weight == 0 and self.uld_weight == 0:
-            raise ValueError("nothing to train on: hard_label_weight=0 and uld_weight=0; set uld_weight > 0")
-        if self.teacher_dtype not in TEACHER_DTYPES:
-            raise ValueError(f"teacher_dtype must be one of {TEACHER_DTYPES}, got {self.teacher_dtype!r}")
-        if not isinstance(self.uld_chunk_size, int) or self.uld_chunk_size <= 0:
-            raise ValueError(f"uld_chunk_size must be a positive integer, got {self.uld_chunk_size!r}")
-        if self.terms:
+        if self.terms:  # before the base class parses them
             raise ValueError(
                 f"terms={self.terms!r}: the cross-tokenizer trainer takes no distillation terms (they compare "
                 "logits or positions of one tokenizer); remove terms and set uld_weight"
             )
-        self.terms = []
+        super().__post_init__()  # temperature, hard_label_weight, teacher_dtype, ...
+        if not isinstance(self.uld_weight, (int, float)) or not 0 <= self.uld_weight < float("inf"):
+            raise ValueError(f"uld_weight must be a finite number >= 0, got {self.uld_weight!r}")
+        if not isinstance(self.uld_chunk_size, int) or self.uld_chunk_size <= 0:
+            raise ValueError(f"uld_chunk_size must be a positive integer, got {self.uld_chunk_size!r}")
         self.fused_logits = False  # the fused path needs one vocabulary
+
+    def _check_something_to_train(self) -> None:
+        if self.hard_label_weight == 0 and self.uld_weight == 0:
+            raise ValueError("nothing to train on: hard_label_weight=0 and uld_weight=0; set uld_weight > 0")
 
 
 # trainer -----------------------------------------------------

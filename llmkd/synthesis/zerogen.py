@@ -18,6 +18,7 @@ from datasets import Dataset, Features, List, Value
 from llmkd.synthesis import filters
 from llmkd.synthesis.common import (
     GenerationOptions,
+    LabelFilters,
     check_float,
     check_int,
     decoding_record,
@@ -44,7 +45,8 @@ NLI_PROMPTS = {
 
 
 @dataclass
-class ZeroGenConfig(GenerationOptions):
+class ZeroGenConfig(GenerationOptions, LabelFilters):
+    # The filter fields (teacher_max_length, min_confidence, lengths, dedup, balance, per_class) are LabelFilters'.
     """How to generate, label and filter a classifier transfer set (`zerogen_dataset`)."""
 
     num_candidates: int = option("Candidates to generate and label before filtering (>= 1).", 1000)
@@ -63,26 +65,7 @@ class ZeroGenConfig(GenerationOptions):
     )
     max_new_tokens: int = option("Most tokens the generator writes per text (>= 1).", 40)
     top_p: float = option("Generator nucleus sampling (0 < p <= 1; ZeroGen uses 0.9).", 0.9)
-    teacher_max_length: int = option("Truncate teacher (and student) inputs to this many tokens (>= 1).", 128)
-    min_confidence: float = option("Keep candidates whose teacher max probability is >= this (0..1).", 0.0)
     require_agreement: bool = option("Keep only candidates the teacher labels as the prompt intended.", False)
-    min_words: int = option("Drop texts with fewer words (>= 0); pairs: both sentences.", 1)
-    max_words: int | None = option("Drop texts with more words (>= min_words; null = no bound).", None)
-    min_tokens: int = option("Drop texts with fewer teacher tokens, specials excluded (>= 0).", 1)
-    max_tokens: int | None = option(
-        "Drop texts with more teacher tokens (>= min_tokens; null = no bound).", None
-    )
-    deduplicate: bool = option("Drop exact (normalised) and near duplicates, keeping the first.", True)
-    near_duplicate_threshold: float | None = option(
-        "Near duplicate: character-shingle Jaccard similarity >= this with a kept text (0 < t <= 1; null = "
-        "exact duplicates only).",
-        0.8,
-    )
-    shingle_size: int = option("Characters per shingle for near-duplicate detection (>= 1).", 5)
-    balance: bool = option("Cap every class at the smallest (non-empty) class's count.", True)
-    per_class: int | None = option(
-        "Cap every class at this many rows instead (>= 1; null = as balance says).", None
-    )
     hard_fraction: float = option(
         "With a student: this fraction (0..1) of each class's kept rows are those with the highest "
         "KL(teacher || student); matters when a class cap binds.",
@@ -97,17 +80,7 @@ class ZeroGenConfig(GenerationOptions):
             isinstance(s, str) and s for s in self.stop_strings
         ):
             raise ValueError(f"stop_strings must be a list of non-empty strings, got {self.stop_strings!r}")
-        check_int("teacher_max_length", self.teacher_max_length, 1)
-        check_float("min_confidence", self.min_confidence, 0.0, 1.0)
-        check_int("min_words", self.min_words, 0)
-        check_int("max_words", self.max_words, self.min_words, allow_none=True)
-        check_int("min_tokens", self.min_tokens, 0)
-        check_int("max_tokens", self.max_tokens, self.min_tokens, allow_none=True)
-        check_float(
-            "near_duplicate_threshold", self.near_duplicate_threshold, 0.0, 1.0, True, allow_none=True
-        )
-        check_int("shingle_size", self.shingle_size, 1)
-        check_int("per_class", self.per_class, 1, allow_none=True)
+        self.check_label_filters()
         check_float("hard_fraction", self.hard_fraction, 0.0, 1.0)
 
 
