@@ -171,14 +171,18 @@ def _verify_sha256(data: bytes, expected: str, what: str) -> str:
     return found
 
 
+def tsv_fields(data: bytes):
+    """(line number, line, its first 3 tab-separated fields) of a UTF-8 file; CRLF or LF, blank lines skipped."""
+    for number, line in enumerate(data.decode("utf-8-sig").split("\n"), start=1):
+        line = line.rstrip("\r")
+        if line.strip():
+            yield number, line, line.split("\t", 2)
+
+
 def _parse_ground_truth(data: bytes) -> list[tuple[int, str, float]]:
     """(ID, sentence, score) rows of the tab-separated file; CRLF or LF line ends, optional final newline."""
     rows = []
-    for number, line in enumerate(data.decode("utf-8-sig").split("\n"), start=1):
-        line = line.rstrip("\r")
-        if not line.strip():
-            continue
-        fields = line.split("\t", 2)
+    for number, line, fields in tsv_fields(data):
         try:
             row_id, score, sentence = int(fields[0]), float(fields[1]), fields[2].strip()
         except (IndexError, ValueError):

@@ -23,6 +23,7 @@ from llmkd.assets import (
     _read_member,
     _verify_sha256,
     download_vader_sdist,
+    tsv_fields,
 )
 
 NYT_MEMBER = "hutto_ICWSM_2014/nytEditorialSnippets_GroundTruth.txt"
@@ -43,11 +44,7 @@ def nyt_bytes(sdist_path: str | os.PathLike) -> bytes:
 def parse_nyt(data: bytes) -> list[dict]:
     """Rows {id, article, sentence, text, score} of the tab-separated file, in file order."""
     rows = []
-    for number, line in enumerate(data.decode("utf-8-sig").split("\n"), start=1):
-        line = line.rstrip("\r")
-        if not line.strip():
-            continue
-        fields = line.split("\t", 2)
+    for number, line, fields in tsv_fields(data):
         try:
             article, sentence = (int(part) for part in fields[0].split("_"))
             score, text = float(fields[1]), fields[2].strip()
