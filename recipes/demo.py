@@ -60,19 +60,24 @@ def run_once(job, recipe: str, out_dir: Path, overrides: list[str]) -> dict:
     return job(str(RECIPES / recipe), [*overrides, "--output_dir", str(out_dir)])
 
 
+def demo_data(data_dir: str | None, out: Path, smoke: bool) -> tuple[Path, list[str]]:
+    """The Rotten Tomatoes folder (prepared under `out` unless given) and the recipe flags that point at it."""
+    folder = Path(data_dir) if data_dir else out / "data"
+    if not data_dir:
+        prepare_rotten_tomatoes(folder)
+    flags = [
+        "--train_file",
+        str(folder / "train.jsonl"),
+        "--validation_file",
+        str(folder / "validation.jsonl"),
+    ]
+    return folder, flags + (SMOKE if smoke else [])
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     out = Path(args.out)
-    data_dir = Path(args.data_dir) if args.data_dir else out / "data"
-    if not args.data_dir:
-        prepare_rotten_tomatoes(data_dir)
-    common = [
-        "--train_file",
-        str(data_dir / "train.jsonl"),
-        "--validation_file",
-        str(data_dir / "validation.jsonl"),
-    ]
-    common += SMOKE if args.smoke else []
+    data_dir, common = demo_data(args.data_dir, out, args.smoke)
     teacher = out / "teacher"
     run_once(finetune, "teacher.yaml", teacher, [*common, "--model", args.base_model or minilm_path()])
     students = {}

@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import demo as glue_demo  # noqa: E402  (recipes/demo.py: the teacher and the real-data student)
 
-from llmkd.assets import minilm_path, prepare_rotten_tomatoes  # noqa: E402
+from llmkd.assets import minilm_path  # noqa: E402
 from llmkd.atomic import atomic_write, write_json  # noqa: E402
 from llmkd.bench_generation import benchmark_generation, decode_speed, perplexity  # noqa: E402
 from llmkd.evaluation import evaluate_checkpoints, write_report  # noqa: E402
@@ -102,16 +102,7 @@ def write_jsonl(path: Path, rows) -> None:
 def glue_teacher(args) -> tuple[Path, Path, Path]:
     """(teacher, data, real-data student) of `make demo`, made here with its recipes when missing."""
     demo_dir = Path(args.demo_dir)
-    data_dir = Path(args.data_dir) if args.data_dir else demo_dir / "data"
-    if not args.data_dir:
-        prepare_rotten_tomatoes(data_dir)
-    common = [
-        "--train_file",
-        str(data_dir / "train.jsonl"),
-        "--validation_file",
-        str(data_dir / "validation.jsonl"),
-    ]
-    common += glue_demo.SMOKE if args.smoke else []
+    data_dir, common = glue_demo.demo_data(args.data_dir, demo_dir, args.smoke)
     teacher = demo_dir / "teacher"
     base = args.base_model or (None if (teacher / REPORT).is_file() else minilm_path())
     glue_demo.run_once(finetune, "teacher.yaml", teacher, [*common, "--model", str(base)])
