@@ -74,17 +74,7 @@ class DistillationTrainer(Trainer):
 
     def _validate_pair(self, student, teacher, args, student_tok, teacher_tok) -> None:
         A.check_not_shared(student, teacher)
-        self.task = A.task_of(student)
-        if A.task_of(teacher) != self.task:
-            raise ValueError(
-                f"the student is a {self.task} model but the teacher a {A.task_of(teacher)} model"
-            )
-        config = A.text_config(student)
-        self.regression = self.task == A.SEQ_CLS and config.num_labels == 1
-        if getattr(config, "problem_type", None) == "multi_label_classification":
-            raise ValueError(
-                "multi-label classification is not supported yet; use single-label or regression"
-            )
+        self._set_task(student, A.task_of(teacher), "teacher")
         knowledge = {t.knowledge for t in self.terms}
         self.vocab_rows = None
         if "logits" in knowledge or args.hard_label_weight > 0:
@@ -107,6 +97,18 @@ class DistillationTrainer(Trainer):
         self.need_hidden = bool(knowledge & {"hidden", "relation"})
         self.need_attentions = "attention" in knowledge
         self.fused = args.fused_logits and A.fused_logits_apply(student, teacher, self.terms, args)
+
+    def _set_task(self, student, teacher_task: str, source: str) -> None:
+        """self.task and self.regression from the student; a teacher of another task is refused."""
+        self.task = A.task_of(student)
+        if teacher_task != self.task:
+            raise ValueError(f"the student is a {self.task} model but the {source} a {teacher_task} model")
+        config = A.text_config(student)
+        self.regression = self.task == A.SEQ_CLS and config.num_labels == 1
+        if getattr(config, "problem_type", None) == "multi_label_classification":
+            raise ValueError(
+                "multi-label classification is not supported yet; use single-label or regression"
+            )
 
     def _check_datasets(self, args, train_dataset, eval_dataset) -> None:
         for split, data in (("train", train_dataset), ("eval", eval_dataset)):

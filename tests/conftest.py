@@ -92,6 +92,24 @@ def llama_config(layers=4, hidden=32, heads=4, **kw) -> LlamaConfig:
     )
 
 
+def training_settings(tmp_path, **overrides) -> dict:
+    """TrainingArguments fields the trainer tests share: CPU, seeded, 3 logged steps, nothing saved or reported."""
+    common = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        max_steps=3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        use_cpu=True,
+    )
+    return common | overrides
+
+
 def seeded(build, config, seed):
     torch.manual_seed(seed)
     return build(config)

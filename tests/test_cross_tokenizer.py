@@ -8,12 +8,11 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from conftest import LlamaForCausalLM, llama_config, make_tokenizer, seeded, sentences
+from conftest import LlamaForCausalLM, llama_config, make_tokenizer, seeded, sentences, training_settings
 from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from llmkd import DistillationConfig, DistillationTrainer
 from llmkd.cross_tokenizer import (
     CrossTokenizerCollator,
     CrossTokenizerConfig,
@@ -228,21 +227,7 @@ def pair_models(teacher_vocab=15):  # len(DIGIT_VOCAB)
 
 
 def make_uld_trainer(teacher, student, tmp_path, data, teacher_tok=None, **overrides):
-    settings = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=len(data),
-        learning_rate=1e-2,
-        max_steps=3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=0,
-        data_seed=0,
-        disable_tqdm=True,
-        use_cpu=True,
-    )
-    settings.update(overrides)
+    settings = training_settings(tmp_path, **({"per_device_eval_batch_size": len(data)} | overrides))
     return CrossTokenizerTrainer(
         model=student,
         teacher=teacher,
@@ -386,24 +371,6 @@ def test_trainer_refuses_single_stream_data(tmp_path):
     plain = Dataset.from_dict({"input_ids": [[4, 7, 8]], "attention_mask": [[1, 1, 1]]})
     with pytest.raises(ValueError, match="no teacher_input_ids.*tokenize_pairs"):
         make_uld_trainer(teacher, student, tmp_path, plain)
-
-
-def test_base_trainer_names_the_cross_tokenizer_trainer(tmp_path):
-    """Same vocabulary size, different token -> id maps: the base trainer refuses and names the ULD trainer."""
-    teacher, student = pair_models(teacher_vocab=62)
-    shuffled = make_tokenizer("llama")
-    words = list(shuffled.get_vocab())
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(reversed(words))}, unk_token="[UNK]"))
-    other = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]")
-    args = DistillationConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, hard_label_weight=0.0)
-    with pytest.raises(ValueError, match="tokenizer mismatch.*cross-tokenizer loss.*CrossTokenizerTrainer"):
-        DistillationTrainer(
-            model=student,
-            teacher=teacher,
-            args=args,
-            processing_class=make_tokenizer("llama"),
-            teacher_processing_class=other,
-        )
 
 
 def test_trainer_refuses_classifiers(bert_pair, tmp_path):

@@ -11,7 +11,15 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import LlamaForCausalLM, bert_config, llama_config, make_tokenizer, seeded, sentences
+from conftest import (
+    LlamaForCausalLM,
+    bert_config,
+    llama_config,
+    make_tokenizer,
+    seeded,
+    sentences,
+    training_settings,
+)
 from datasets import Dataset
 from safetensors.torch import load_file
 from transformers import BertForSequenceClassification
@@ -51,20 +59,12 @@ def models():
 
 
 def settings(tmp_path, **overrides) -> dict:
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
+    values = training_settings(
+        tmp_path,
         max_steps=2,
         learning_rate=0.5,
         optim="sgd",
         max_grad_norm=0.0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=0,
-        data_seed=0,
-        disable_tqdm=True,
-        use_cpu=True,
         terms=[{"knowledge": "logits", "loss": "jsd", "beta": BETA}],
         temperature=1.0,
         hard_label_weight=0.0,

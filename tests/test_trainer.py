@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import classification_dataset, lm_dataset, make_tokenizer
+from conftest import classification_dataset, lm_dataset, make_tokenizer, training_settings
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -39,23 +39,10 @@ def make_trainer(
     collator = (
         DataCollatorWithPadding(tok) if task == "cls" else DataCollatorForLanguageModeling(tok, mlm=False)
     )
-    settings = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        max_steps=3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=0,
-        data_seed=0,
-        disable_tqdm=True,
-        use_cpu=True,
-        terms=terms,
-        hard_label_weight=0.5 if task == "cls" else 0.0,
+    hard = 0.5 if task == "cls" else 0.0
+    args = DistillationConfig(
+        **training_settings(tmp_path, **({"terms": terms, "hard_label_weight": hard} | overrides))
     )
-    settings.update(overrides)
-    args = DistillationConfig(**settings)
     return trainer_cls(
         model=student,
         teacher=teacher,

@@ -125,17 +125,7 @@ class CachedDistillationTrainer(DistillationTrainer):
                 f"{features} terms need the teacher's hidden states or attention maps, which a logit cache does not "
                 "hold; drop them, or distil with the live teacher (no teacher_cache)"
             )
-        self.task = A.task_of(student)
-        if teacher.task != self.task:
-            raise ValueError(
-                f"the student is a {self.task} model but the cache holds a {teacher.task} teacher"
-            )
-        config = A.text_config(student)
-        self.regression = self.task == A.SEQ_CLS and config.num_labels == 1
-        if getattr(config, "problem_type", None) == "multi_label_classification":
-            raise ValueError(
-                "multi-label classification is not supported yet; use single-label or regression"
-            )
+        self._set_task(student, teacher.task, "cached teacher")
         if self.task == A.SEQ_CLS:
             A.check_labels(student, teacher)
         else:

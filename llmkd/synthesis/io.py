@@ -201,15 +201,23 @@ def run_shards(
             last = first + shard_size if num_samples is None else min(first + shard_size, num_samples)
             budget = None if max_total_tokens is None else max_total_tokens - progress["tokens"]
             rows, tokens, exhausted = _fill_shard(produce(range(first, last)), budget, counter, bar, meter)
-            _write_shard(output_dir, index, rows)
-            progress["shards"].append({"index": index, "first": first, "rows": len(rows), "tokens": tokens})
-            progress["rows"] += len(rows)
-            progress["tokens"] += tokens
             progress["complete"] = exhausted or last == num_samples
-            write_json(os.path.join(output_dir, PROGRESS), progress | {"updated_at": _now()})
+            _store_shard(
+                output_dir, progress, (index, first, rows, tokens), os.path.join(output_dir, PROGRESS)
+            )
     finally:
         bar.close()
     return progress
+
+
+def _store_shard(output_dir: str, progress: dict, shard: tuple, progress_path: str) -> None:
+    """Writes one shard's rows, then records it in `progress` (saved to progress_path): the shard exists first."""
+    index, first, rows, tokens = shard
+    _write_shard(output_dir, index, rows)
+    progress["shards"].append({"index": index, "first": first, "rows": len(rows), "tokens": tokens})
+    progress["rows"] += len(rows)
+    progress["tokens"] += tokens
+    write_json(progress_path, progress | {"updated_at": _now()})
 
 
 def _run_rank_shards(
@@ -248,11 +256,7 @@ def _run_rank_shards(
         for index in mine:
             first, last = index * shard_size, min(index * shard_size + shard_size, num_samples)
             rows, tokens, _ = _fill_shard(produce(range(first, last)), None, counter, bar, meter)
-            _write_shard(output_dir, index, rows)
-            progress["shards"].append({"index": index, "first": first, "rows": len(rows), "tokens": tokens})
-            progress["rows"] += len(rows)
-            progress["tokens"] += tokens
-            write_json(_rank_path(output_dir, rank), progress | {"updated_at": _now()})
+            _store_shard(output_dir, progress, (index, first, rows, tokens), _rank_path(output_dir, rank))
     finally:
         bar.close()
     _barrier()
