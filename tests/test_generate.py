@@ -12,6 +12,7 @@ from conftest import (
     bert_config,
     llama_config,
     make_tokenizer,
+    run_launcher,
     seeded,
 )
 from datasets import load_from_disk
@@ -232,7 +233,6 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 @pytest.mark.multiprocess
 def test_two_processes_write_their_own_shards_and_merge_to_the_one_process_dataset(model_dirs, tmp_path):
     import os
-    import subprocess
     import sys
 
     recipe = gibbs_recipe(model_dirs, tmp_path, tmp_path / "one")
@@ -240,7 +240,7 @@ def test_two_processes_write_their_own_shards_and_merge_to_the_one_process_datas
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd += [str(ROOT / "recipes" / "generate.py"), recipe, "--output_dir", str(tmp_path / "two")]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    done = run_launcher(cmd, clean=[tmp_path / "two"], env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     one, two = (
         load_from_disk(str(tmp_path / "one" / "dataset")),

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import copy
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import LlamaForCausalLM, classification_dataset, llama_config, lm_dataset, seeded
+from conftest import (
+    GLOO_ABORT,
+    LlamaForCausalLM,
+    classification_dataset,
+    llama_config,
+    lm_dataset,
+    run_launcher,
+    seeded,
+)
 from ddp_worker import train_and_dump
 from safetensors.torch import load_file
 from test_trainer import TERMS, make_trainer
@@ -148,7 +155,7 @@ def test_two_process_ddp_matches_one_process(tmp_path, mode):
         str(tmp_path / "ddp"),
         mode,
     ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    done = run_launcher(cmd, clean=[tmp_path / "ddp"], env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "ddp" / "world_size.txt").read_text() == "2"  # two processes really ran
     start = seeded(LlamaForCausalLM, llama_config(layers=2, hidden=16), 1).state_dict()  # the worker's init
@@ -158,3 +165,17 @@ def test_two_process_ddp_matches_one_process(tmp_path, mode):
         one, two = load_file(single / name), load_file(tmp_path / "ddp" / name)
         for key in one:
             torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6, msg=f"{name}:{key}")
+
+
+def test_launches_are_rerun_only_after_a_gloo_abort(tmp_path):
+    """run_launcher reruns once after gloo's std::terminate, and never after any other failure (the control)."""
+    marker = tmp_path / "ran_once"
+    script = (
+        "import pathlib, sys; m = pathlib.Path(sys.argv[1]); first = not m.exists(); m.touch(); "
+        "sys.stderr.write(sys.argv[2] if first else ''); sys.exit(1 if first else 0)"
+    )
+    done = run_launcher([sys.executable, "-c", script, str(marker), GLOO_ABORT], clean=[tmp_path / "x"])
+    assert done.returncode == 0
+    marker.unlink()
+    done = run_launcher([sys.executable, "-c", script, str(marker), "Traceback: a real error"])
+    assert done.returncode == 1 and "real error" in done.stderr

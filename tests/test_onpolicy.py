@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import subprocess
 import sys
 from collections import Counter
 
@@ -16,6 +15,7 @@ from conftest import (
     bert_config,
     llama_config,
     make_tokenizer,
+    run_launcher,
     seeded,
     sentences,
     training_settings,
@@ -398,7 +398,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     script = os.path.join(ROOT, "tests", "onpolicy_worker.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script]
-    done = subprocess.run([*cmd, str(tmp_path / "ddp")], env=env, capture_output=True, text=True, timeout=300)
+    done = run_launcher([*cmd, str(tmp_path / "ddp")], clean=[tmp_path / "ddp"], env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["world_size"] == 2  # two processes really ran

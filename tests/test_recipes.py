@@ -10,7 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import BertForSequenceClassification, bert_config, make_tokenizer, seeded, sentences
+from conftest import (
+    BertForSequenceClassification,
+    bert_config,
+    make_tokenizer,
+    run_launcher,
+    seeded,
+    sentences,
+)
 
 from llmkd.pipeline import distill, finetune
 
@@ -100,7 +107,7 @@ def test_accelerate_cpu_config_runs_two_processes(tiny_glue, tmp_path):
         "--teacher",
         str(tiny_glue / "teacher"),
     ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    done = run_launcher(cmd, clean=[tmp_path / "out"], env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     state = json.loads((tmp_path / "out" / "llmkd_report.json").read_text())
     assert (
