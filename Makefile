@@ -40,11 +40,11 @@ style: install
 # skipped); the teacher-logit cache's size/faithfulness and training-step costs; batched sampling vs generate().
 bench: install
 	$(PY) recipes/demo.py --seeds 3
-	$(PY) -m llmkd.bench_losses --losses jsd --vocab 49152 --positions 4096 --chunk-size 32 --threads 1 --repeats 2 --memory-budget-gib 14 --out runs/bench/losses_v49k.json
-	$(PY) -m llmkd.bench_losses --losses jsd --vocab 151936 --positions 1024 4096 --chunk-size 32 --threads 1 --repeats 2 --memory-budget-gib 14 --out runs/bench/losses_v152k.json
-	$(PY) -m llmkd.bench_steps --what faithfulness --out runs/bench/cache_faithfulness.json
-	$(PY) -m llmkd.bench_steps --what steps --out runs/bench/cache_steps.json
-	$(PY) -m llmkd.bench_generation --out runs/bench/generation.json
+	$(PY) -m benchmarks.bench_losses --losses jsd --vocab 49152 --positions 4096 --chunk-size 32 --threads 1 --repeats 2 --memory-budget-gib 14 --out runs/bench/losses_v49k.json
+	$(PY) -m benchmarks.bench_losses --losses jsd --vocab 151936 --positions 1024 4096 --chunk-size 32 --threads 1 --repeats 2 --memory-budget-gib 14 --out runs/bench/losses_v152k.json
+	$(PY) -m benchmarks.bench_steps --what faithfulness --out runs/bench/cache_faithfulness.json
+	$(PY) -m benchmarks.bench_steps --what steps --out runs/bench/cache_steps.json
+	$(PY) -m benchmarks.bench_generation --out runs/bench/generation.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -9,7 +9,7 @@ Prints the Markdown table; with --out also writes report.md, report.json and sco
 import logging
 import sys
 
-from llmkd.evaluation import main
+from llmkd.cli.eval import main
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    # Lazy, so that `llmkd.assets` or `llmkd.losses` do not pay for importing transformers' Trainer.
+    # Lazy, so that `llmkd.data` or `llmkd.losses` do not pay for importing transformers' Trainer.
     if name in ("DistillationConfig", "Term"):
         from llmkd import config
 

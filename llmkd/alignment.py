@@ -13,48 +13,23 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 from transformers import TrainerCallback
-from transformers.models.auto.modeling_auto import (
-    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
-)
 
 from llmkd.atomic import atomic_write
+from llmkd.modeling import (  # noqa: F401 - re-exported while the trainer moves to llmkd.schemes
+    CAUSAL_LM,
+    SEQ_CLS,
+    base_model,
+    forward_keys,
+    hidden_width,
+    num_layers,
+    output_head,
+    output_rows,
+    select_inputs,
+    task_of,
+    text_config,
+)
 
 logger = logging.getLogger(__name__)
-
-CAUSAL_LM, SEQ_CLS = "causal_lm", "sequence_classification"
-
-
-def base_model(model: nn.Module) -> nn.Module:
-    """The transformers model under DDP/accelerate/peft wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def task_of(model: nn.Module) -> str:
-    name = type(base_model(model)).__name__
-    if name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
-        return CAUSAL_LM
-    if name in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values():
-        return SEQ_CLS
-    raise ValueError(
-        f"{name} is neither a causal LM nor a sequence classifier; load it with AutoModelForCausalLM or "
-        "AutoModelForSequenceClassification"
-    )
-
-
-def text_config(model: nn.Module):
-    config = base_model(model).config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def num_layers(model: nn.Module) -> int:
-    return int(text_config(model).num_hidden_layers)
-
-
-def hidden_width(model: nn.Module) -> int:
-    return int(text_config(model).hidden_size)
 
 
 def resolve_layer_map(layer_map, n_student: int, n_teacher: int, knowledge: str) -> list[tuple[int, int]]:
@@ -144,11 +119,6 @@ def check_labels(student: nn.Module, teacher: nn.Module) -> None:
         )
 
 
-def output_rows(model: nn.Module) -> int:
-    head = base_model(model).get_output_embeddings()
-    return int(head.weight.shape[0]) if head is not None else int(text_config(model).vocab_size)
-
-
 def check_vocab(student: nn.Module, teacher: nn.Module, mismatch: str, shared: int | None) -> int | None:
     """Returns the number of logit rows to keep (None = all). Padded vocabularies are sliced only on opt-in."""
     v_s, v_t = output_rows(student), output_rows(teacher)
@@ -190,16 +160,12 @@ def check_tokenizers(student_tok, teacher_tok) -> None:
         )
 
 
-def output_head(model: nn.Module) -> nn.Module:
-    return base_model(model).get_output_embeddings()
-
-
 # Heads that do more than h @ W.T + b (soft-capping, scaling): the fused path would compute other logits.
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
 def fused_logits_apply(student: nn.Module, teacher: nn.Module, terms, args) -> bool:
-    """Whether logit terms can be computed from hidden states and lm_head weights (llmkd.chunked)."""
+    """Whether logit terms can be computed from hidden states and lm_head weights (llmkd.losses.kernels)."""
     if args.hard_label_weight > 0 or not terms or any(t.knowledge != "logits" for t in terms):
         return False  # the task loss and feature terms need the full outputs anyway
     for model in (student, teacher):
@@ -247,13 +213,3 @@ class ZeroProjectorGrads(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.projectors.zero_grad(set_to_none=True)
-
-
-def forward_keys(model: nn.Module) -> set[str]:
-    """The keyword inputs a model's forward takes (labels excluded: llmkd computes the task loss itself)."""
-    params = inspect.signature(base_model(model).forward).parameters
-    return {k for k, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)} - {"labels"}
-
-
-def select_inputs(inputs: dict, keys: set[str]) -> dict:
-    return {k: v for k, v in inputs.items() if k in keys}

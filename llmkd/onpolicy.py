@@ -21,8 +21,8 @@ import torch
 
 from llmkd import alignment as A
 from llmkd.config import DistillationConfig
-from llmkd.data import PROMPT_LENGTH, PromptCompletionCollator, pad_prompt_completion, padding_id
-from llmkd.synthesis.decoding import eos_token_ids, sample_batch
+from llmkd.data.loading import PROMPT_LENGTH, PromptCompletionCollator, pad_prompt_completion, padding_id
+from llmkd.data.synthesis.decoding import eos_token_ids, sample_batch
 from llmkd.trainer import DistillationTrainer
 
 logger = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ class OnPolicyConfig(DistillationConfig):
             )
 
     def sampling_options(self) -> SimpleNamespace:
-        """The decoding options of `llmkd.synthesis.decoding.sample_batch`."""
+        """The decoding options of `llmkd.data.synthesis.decoding.sample_batch`."""
         return SimpleNamespace(
             max_new_tokens=self.max_new_tokens,
             do_sample=True,

@@ -16,9 +16,8 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from llmkd import alignment as A
-from llmkd.chunked import fused_logit_distillation
 from llmkd.config import DistillationConfig
-from llmkd.losses import LOSSES, SOFT_TARGET_LOSSES, masked_mean
+from llmkd.losses import LOSSES, SOFT_TARGET_LOSSES, fused_logit_distillation, masked_mean
 from llmkd.placement import place_teacher
 
 logger = logging.getLogger(__name__)

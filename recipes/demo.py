@@ -19,9 +19,11 @@ import statistics
 import sys
 from pathlib import Path
 
-from llmkd.assets import minilm_path, prepare_rotten_tomatoes
-from llmkd.evaluation import evaluate_checkpoints, write_report
-from llmkd.pipeline import REPORT, distill, finetune, write_json
+from llmkd.cli.pipeline import REPORT, distill, finetune, write_json
+from llmkd.data.assets.minilm import minilm_path
+from llmkd.data.assets.vader import prepare_rotten_tomatoes
+from llmkd.evaluation.checkpoints import evaluate_checkpoints
+from llmkd.evaluation.report import write_report
 
 RECIPES = Path(__file__).resolve().parent / "demo"
 SMOKE = [

@@ -8,8 +8,8 @@
    next to the teacher, the student distilled on real data and the untrained student.
 2. Causal LM: sequences sampled from SmolLM2 itself (sampling.yaml) train a 6-layer student of its layers
    with the teacher's logits (causal_kd.yaml) and, as the control, with plain cross-entropy on the same tokens
-   (causal_seq.yaml); perplexity on the NYT editorial snippets (llmkd.nyt) and decoding speed-up.
-3. Generation throughput: llmkd's batched sampler vs batch-1 `generate()` (llmkd.bench_generation).
+   (causal_seq.yaml); perplexity on the NYT editorial snippets (llmkd.data.assets.nyt) and decoding speed-up.
+3. Generation throughput: llmkd's batched sampler vs batch-1 `generate()` (benchmarks/bench_generation.py).
 4. The table of every number and bar; summary.json and report.md under --out.
 
 Every stage leaves a JSON (or an `llmkd_report.json`); an interrupted demo resumes from the first missing one.
@@ -30,13 +30,14 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import demo as glue_demo  # noqa: E402  (recipes/demo.py: the teacher and the real-data student)
 
-from llmkd.assets import minilm_path  # noqa: E402
+from benchmarks.bench_generation import benchmark_generation, decode_speed, perplexity  # noqa: E402
 from llmkd.atomic import atomic_write, write_json  # noqa: E402
-from llmkd.bench_generation import benchmark_generation, decode_speed, perplexity  # noqa: E402
-from llmkd.evaluation import evaluate_checkpoints, write_report  # noqa: E402
-from llmkd.models import student_from_teacher  # noqa: E402
-from llmkd.pipeline import REPORT, distill, finetune  # noqa: E402
-from llmkd.synthesis import SamplingConfig, ZeroGenConfig, sample_teacher, zerogen_dataset  # noqa: E402
+from llmkd.cli.pipeline import REPORT, distill, finetune  # noqa: E402
+from llmkd.data.assets.minilm import minilm_path  # noqa: E402
+from llmkd.data.synthesis import SamplingConfig, ZeroGenConfig, sample_teacher, zerogen_dataset  # noqa: E402
+from llmkd.evaluation.checkpoints import evaluate_checkpoints  # noqa: E402
+from llmkd.evaluation.report import write_report
+from llmkd.students.from_teacher import student_from_teacher  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parent / "data_free"
 BARS = {"sentiment": 90.0, "generation": 5.0}  # % of the teacher's accuracy; x the tokens/s of generate()
@@ -114,7 +115,7 @@ def glue_teacher(args) -> tuple[Path, Path, Path]:
 def causal_teacher(args):
     """SmolLM2-135M-Instruct (or --generator) in float32, and its tokenizer."""
     if args.generator is None:
-        from llmkd.smollm2 import smollm2_path
+        from llmkd.data.assets.smollm2 import smollm2_path
 
         args.generator = smollm2_path()
     model = AutoModelForCausalLM.from_pretrained(args.generator, dtype=torch.float32).eval()
@@ -213,7 +214,7 @@ def heldout_texts(args) -> tuple[list[str], str]:
     if args.heldout_file:
         lines = Path(args.heldout_file).read_text(encoding="utf-8").splitlines()
         return [line for line in lines if line.strip()], args.heldout_file
-    from llmkd.nyt import nyt_articles, read_nyt_snippets
+    from llmkd.data.assets.nyt import nyt_articles, read_nyt_snippets
 
     texts = nyt_articles(read_nyt_snippets(), max_articles=args.heldout_docs)
     return texts, f"NYT editorial snippets (vaderSentiment 3.3.2), first {len(texts)} articles"

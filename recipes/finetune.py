@@ -1,4 +1,4 @@
-"""Entry script for `accelerate launch recipes/finetune.py RECIPE.yaml [--field value …]` (see llmkd.pipeline)."""
+"""Entry script for `accelerate launch recipes/finetune.py RECIPE.yaml [--field value …]` (see llmkd.cli.pipeline)."""
 
 import sys
 

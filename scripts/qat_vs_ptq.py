@@ -15,11 +15,11 @@ import time
 import torch
 from transformers import AutoModelForSequenceClassification, set_seed
 
-from llmkd import quantize as Q
 from llmkd.atomic import write_json
-from llmkd.data import collator_for
-from llmkd.pipeline import build_data, build_models, metrics_for
-from llmkd.recipe import load_config
+from llmkd.cli.pipeline import build_data, build_models, metrics_for
+from llmkd.cli.recipe import load_config
+from llmkd.data.loading import collator_for
+from llmkd.students import quantize as Q
 from llmkd.trainer import DistillationTrainer
 
 out, steps = sys.argv[1], int(sys.argv[2])

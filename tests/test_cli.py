@@ -14,9 +14,9 @@ from conftest import BertForSequenceClassification, bert_config, make_tokenizer,
 from transformers import AutoModelForSequenceClassification
 
 from llmkd.cli import main
+from llmkd.cli.pipeline import distill
+from llmkd.cli.recipe import FINETUNE, RunConfig, load_config, load_stages, parse_overrides
 from llmkd.config import DistillationConfig
-from llmkd.pipeline import distill
-from llmkd.recipe import FINETUNE, RunConfig, load_config, load_stages, parse_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -145,7 +145,7 @@ def test_smoke_mode_shrinks_any_recipe(tiny_recipe):
 
 
 def test_frozen_embeddings_stay_fixed(tiny_recipe, tmp_path):
-    from llmkd.pipeline import build_models
+    from llmkd.cli.pipeline import build_models
 
     run, args = load_config(str(tiny_recipe), ["--freeze_embeddings"])
     *_, student, _ = build_models(run, args)

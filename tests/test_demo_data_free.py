@@ -17,9 +17,9 @@ import pytest
 import torch
 from transformers import BertForSequenceClassification, LlamaForCausalLM
 
-from llmkd import nyt
-from llmkd.assets import INNER_ARCHIVE_MEMBER, SDIST_NAME
-from llmkd.bench_generation import benchmark_generation, perplexity
+from benchmarks.bench_generation import benchmark_generation, perplexity
+from llmkd.data.assets import nyt
+from llmkd.data.assets.vader import INNER_ARCHIVE_MEMBER, SDIST_NAME
 from tests.conftest import bert_config, llama_config, make_tokenizer, seeded, sentences
 
 ROOT = Path(__file__).resolve().parents[1]

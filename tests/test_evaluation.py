@@ -13,7 +13,9 @@ import torch
 from conftest import BertForSequenceClassification, bert_config, make_tokenizer, seeded, sentences
 from datasets import Dataset, DatasetDict
 
-from llmkd.evaluation import evaluate_checkpoints, main, markdown_table, measure_speed, write_report
+from llmkd.cli.eval import main
+from llmkd.evaluation.checkpoints import evaluate_checkpoints, measure_speed
+from llmkd.evaluation.report import markdown_table, write_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SST2 = {0: "negative", 1: "positive"}

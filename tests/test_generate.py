@@ -181,7 +181,7 @@ def test_rank_shards_resume_and_merge_equal_one_process(tmp_path, monkeypatch):
     order) equals an uninterrupted 1-process run."""
     from test_synthesis import lm_config
 
-    from llmkd.synthesis import io, sampling
+    from llmkd.data.synthesis import io, sampling
 
     model = seeded(LlamaForCausalLM, llama_config(), 0)
     tok = make_tokenizer("llama")

@@ -19,8 +19,8 @@ from conftest import (
 from test_synthesis import Interrupt, read_json
 from transformers import BertForMaskedLM
 
-from llmkd.synthesis import filters, gibbs
-from llmkd.synthesis.gibbs import GibbsConfig, allowed_tokens, gibbs_dataset
+from llmkd.data.synthesis import filters, gibbs
+from llmkd.data.synthesis.gibbs import GibbsConfig, allowed_tokens, gibbs_dataset
 
 RIGGED = 20  # token id of w14
 

@@ -11,19 +11,17 @@ import pytest
 from datasets import Dataset, DatasetDict
 from transformers import BertConfig, EvalPrediction
 
-import llmkd.glue as glue
-from llmkd.glue import (
+import llmkd.data.glue as glue
+from llmkd.data.glue import (
     GLUE_TASKS,
     align_labels,
-    compute_metrics,
     load_glue,
     load_validation,
-    make_compute_metrics,
     remap_dataset_labels,
     resolve_tasks,
-    task_score,
     to_dataset_order,
 )
+from llmkd.evaluation.metrics import compute_metrics, make_compute_metrics, task_score
 
 # ------------------------------------------------------------------------------------------- task table
 
@@ -244,7 +242,7 @@ def test_alignment_identity_and_case():
 
 
 def test_alignment_generic_names_are_accepted_with_a_warning(caplog):
-    with caplog.at_level(logging.WARNING, logger="llmkd.glue"):
+    with caplog.at_level(logging.WARNING, logger="llmkd.data.glue"):
         assert align_labels("mnli", BertConfig(num_labels=3)) is None
     assert "cannot be checked" in caplog.text
 

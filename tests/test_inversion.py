@@ -8,9 +8,15 @@ from conftest import make_tokenizer
 from test_gibbs import trained_classifier
 from test_synthesis import Interrupt, read_json
 
-from llmkd.synthesis import inversion
-from llmkd.synthesis.gibbs import allowed_tokens
-from llmkd.synthesis.inversion import InversionConfig, diversity, fluency, inversion_dataset, nearest_tokens
+from llmkd.data.synthesis import inversion
+from llmkd.data.synthesis.gibbs import allowed_tokens
+from llmkd.data.synthesis.inversion import (
+    InversionConfig,
+    diversity,
+    fluency,
+    inversion_dataset,
+    nearest_tokens,
+)
 
 
 @pytest.fixture(scope="module")

@@ -34,8 +34,8 @@ from llmkd.logit_cache import (
     topk_targets,
     write_cache,
 )
-from llmkd.logit_cache import writer as W
 from llmkd.losses import LOSSES
+from llmkd.teachers.cached import writer as W
 
 V = 62  # conftest's vocabulary
 PARAMS = {"forward_kl": {}, "reverse_kl": {}, "jsd": {"beta": 0.3}, "skew_kl": {"alpha": 0.1}, "tvd": {}}
@@ -319,8 +319,8 @@ def test_recipe_cache_then_training_never_loads_the_teacher(tmp_path, monkeypatc
     from transformers import PreTrainedModel
 
     from llmkd.cli import main
-    from llmkd.logit_cache.command import CacheRunConfig
-    from llmkd.recipe import load_stages
+    from llmkd.cli.cache import CacheRunConfig
+    from llmkd.cli.recipe import load_stages
 
     teacher_dir, tok = tmp_path / "teacher", make_tokenizer("llama")
     seeded(LlamaForCausalLM, llama_config(), 0).save_pretrained(teacher_dir)
@@ -346,7 +346,7 @@ def test_recipe_cache_then_training_never_loads_the_teacher(tmp_path, monkeypatc
     run, args = load_stages(
         str(recipe), ["--max_steps", "2", "--logging_steps", "1"], CacheRunConfig, DistillationConfig
     )[-1]
-    from llmkd.pipeline import build_data
+    from llmkd.cli.pipeline import build_data
 
     train, evaluation = build_data(run, "causal_lm", tok)  # what `llmkd distill` tokenises
     kwargs = cached_trainer_kwargs(

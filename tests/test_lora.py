@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from test_trainer import TERMS, make_trainer
 from transformers import AutoModelForCausalLM, BertForSequenceClassification, LlamaForCausalLM
 
-from llmkd import alignment as A
-from llmkd import lora
+from llmkd import modeling as A
+from llmkd.students import lora
 
 BUILD = {"lm": (LlamaForCausalLM, llama_config), "cls": (BertForSequenceClassification, bert_config)}
 

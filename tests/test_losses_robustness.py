@@ -223,13 +223,11 @@ def test_masked_mean_with_no_items_is_zero_with_a_finite_gradient():
 
 
 def test_registry_aliases_and_get_loss():
-    assert LOSSES["logits"]["kl"] is losses.forward_kl
-    assert (
-        get_loss("relation", "sp")
-        is get_loss("relation", "similarity_preserving")
-        is losses.similarity_preserving
-    )
-    assert get_loss("logits", "mse") is losses.logit_mse
+    assert LOSSES["logits"]["kl"].fn is losses.forward_kl
+    assert get_loss("relation", "sp").fn is get_loss("relation", "similarity_preserving").fn
+    assert get_loss("relation", "sp").fn is losses.similarity_preserving
+    assert get_loss("logits", "mse").fn is losses.logit_mse
+    assert get_loss("logits", "jsd").params == {"beta"} and get_loss("logits", "skew_kl").params == {"alpha"}
     assert set(LOSSES["logits"]) - {"tvd", "mse"} == SOFT_TARGET_LOSSES
 
 

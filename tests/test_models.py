@@ -7,7 +7,7 @@ import torch
 from conftest import BertForSequenceClassification, LlamaForCausalLM, bert_config, llama_config, seeded
 
 from llmkd.alignment import resolve_layer_map
-from llmkd.models import select_layers, student_from_config, student_from_teacher
+from llmkd.students.from_teacher import select_layers, student_from_config, student_from_teacher
 
 
 @pytest.mark.parametrize(

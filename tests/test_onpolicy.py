@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from transformers import BertForSequenceClassification
 
 from llmkd import DistillationConfig, DistillationTrainer
-from llmkd.data import PromptCompletionCollator, tokenize_prompt_completion
+from llmkd.data.loading import PromptCompletionCollator, tokenize_prompt_completion
 from llmkd.onpolicy import (
     OnPolicyConfig,
     OnPolicyTrainer,

@@ -14,13 +14,13 @@ from test_trainer import TERMS, make_trainer
 from torch import nn
 from transformers import BertForSequenceClassification, LlamaForCausalLM
 
-from llmkd import quantize as Q
+from llmkd.students import quantize as Q
 
 IDS = torch.tensor([[4, 7, 9, 11, 13, 8, 20, 31], [4, 40, 12, 3, 50, 9, 9, 1]])
 
 
 def reference_dequantize(weight: torch.Tensor, bits: int, group_size: int | None):
-    """Hand-written float64 loop: codes and Ŵ per row and group, independent of llmkd.quantize."""
+    """Hand-written float64 loop: codes and Ŵ per row and group, independent of llmkd.students.quantize."""
     qmax = 2 ** (bits - 1) - 1
     w = weight.detach().double()
     size = group_size or w.shape[1]

@@ -19,7 +19,7 @@ from conftest import (
     sentences,
 )
 
-from llmkd.pipeline import distill, finetune
+from llmkd.cli.pipeline import distill, finetune
 
 ROOT = Path(__file__).resolve().parent.parent
 GLUE_RECIPES = sorted((ROOT / "recipes" / "glue").glob("*.yaml"))
@@ -184,7 +184,7 @@ def test_llm_recipe_smoke(recipe, tiny_lm, tmp_path):
     if values.get("trainer") == "on_policy":
         flags += ["--max_new_tokens", "4", "--max_prompt_length", "8"]
     if "teacher_cache" in values:  # the same recipe first writes the cache, then trains from it
-        from llmkd.logit_cache.command import cache_teacher
+        from llmkd.cli.cache import cache_teacher
 
         flags += [
             "--teacher_cache",
@@ -215,7 +215,7 @@ def test_llm_recipe_smoke(recipe, tiny_lm, tmp_path):
 
 def test_qat_demo_recipe_smoke(tiny_glue, tmp_path):
     """recipes/demo/qat_int4.yaml on a tiny teacher and a student picked from its layers: trains and exports."""
-    from llmkd.models import student_from_teacher
+    from llmkd.students.from_teacher import student_from_teacher
 
     teacher = BertForSequenceClassification.from_pretrained(tiny_glue / "teacher")
     student_from_teacher(teacher, [0, 6]).save_pretrained(tmp_path / "student")
@@ -242,7 +242,7 @@ def yaml_keys(path: Path) -> dict:
 
 
 def test_embedded_model_names_resolve_or_fail_clearly():
-    from llmkd.models import resolve_path
+    from llmkd.students.loading import resolve_path
 
     assert resolve_path("some/hub-id") == "some/hub-id" and resolve_path(None) is None
     with pytest.raises(ValueError, match="embedded:smollm2-135m-instruct"):
@@ -251,18 +251,11 @@ def test_embedded_model_names_resolve_or_fail_clearly():
 
 def test_cached_recipe_with_an_embedded_teacher(tiny_lm, tmp_path, monkeypatch):
     """`teacher: embedded:…` resolves the same way in cache-teacher and distill, so the fingerprints agree."""
-    import sys
-    import types
 
-    from llmkd.logit_cache.command import cache_teacher
+    from llmkd.cli.cache import cache_teacher
+    from llmkd.students.loading import EMBEDDED
 
-    fake = types.SimpleNamespace(path=lambda: str(tiny_lm / "teacher"))
-    monkeypatch.setitem(sys.modules, "tiny_embedded", fake)
-    monkeypatch.setitem(
-        __import__("llmkd.models").models.EMBEDDED,
-        "embedded:smollm2-135m-instruct",
-        ("tiny_embedded", "path"),
-    )
+    monkeypatch.setitem(EMBEDDED, "embedded:smollm2-135m-instruct", lambda: str(tiny_lm / "teacher"))
     recipe = str(ROOT / "recipes" / "llm" / "smollm2_cached.yaml")
     flags = ["--smoke", "--output_dir", str(tmp_path / "out"), "--use_cpu", "true", "--cache_top_k", "8"]
     flags += [
@@ -286,7 +279,7 @@ def test_cached_recipe_with_an_embedded_teacher(tiny_lm, tmp_path, monkeypatch):
     ],
 )
 def test_student_option_errors_come_before_any_model_is_loaded(extra, message, tmp_path):
-    from llmkd.recipe import load_stages
+    from llmkd.cli.recipe import load_stages
 
     values = {"teacher": "t", "student_layers": [0], "train_file": "x.jsonl"} | extra
     if "student" in extra:

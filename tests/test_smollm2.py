@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 
-from llmkd import smollm2
+from llmkd.data.assets import smollm2
 
 
 def test_missing_package_names_the_pip_command(monkeypatch):

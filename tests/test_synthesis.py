@@ -17,10 +17,10 @@ from conftest import (
 )
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from llmkd.synthesis import sampling
-from llmkd.synthesis.decoding import sample_batch
-from llmkd.synthesis.sampling import SamplingConfig, chat_template_prefix, sample_teacher
-from llmkd.synthesis.zerogen import ZeroGenConfig
+from llmkd.data.synthesis import sampling
+from llmkd.data.synthesis.decoding import sample_batch
+from llmkd.data.synthesis.sampling import SamplingConfig, chat_template_prefix, sample_teacher
+from llmkd.data.synthesis.zerogen import ZeroGenConfig
 
 EOS = 5
 CHAT_TEMPLATE = (

@@ -17,9 +17,9 @@ from conftest import (
 )
 from test_synthesis import Interrupt, read_json, rows
 
-from llmkd.synthesis import filters
-from llmkd.synthesis.common import derive_seed
-from llmkd.synthesis.zerogen import ZeroGenConfig, zerogen_dataset
+from llmkd.data.synthesis import filters
+from llmkd.data.synthesis.common import derive_seed
+from llmkd.data.synthesis.zerogen import ZeroGenConfig, zerogen_dataset
 
 
 def classifier(seed=0, spread=None):

@@ -8,9 +8,6 @@
 Format and numbers: docs/logit_cache.md.
 """
 
-from llmkd.logit_cache.fingerprint import CacheMismatchError
-from llmkd.logit_cache.loss import bucketed_logit_loss, student_buckets
-from llmkd.logit_cache.reader import CachedTeacher, CachedTeacherOutput
 from llmkd.logit_cache.trainer import (
     CACHE_COLUMN,
     CachedDistillationTrainer,
@@ -18,7 +15,10 @@ from llmkd.logit_cache.trainer import (
     cached_trainer_kwargs,
     named_splits,
 )
-from llmkd.logit_cache.writer import topk_targets, write_cache
+from llmkd.losses.bucketed import bucketed_logit_loss, student_buckets
+from llmkd.teachers.cached.fingerprint import CacheMismatchError
+from llmkd.teachers.cached.reader import CachedTeacher, CachedTeacherOutput
+from llmkd.teachers.cached.writer import topk_targets, write_cache
 
 __all__ = [
     "CACHE_COLUMN",

@@ -11,9 +11,9 @@ import os
 from datasets import Dataset
 
 from llmkd import alignment as A
-from llmkd.logit_cache import fingerprint as F
-from llmkd.logit_cache.loss import RAW_LOGIT_LOSSES, bucketed_logit_loss
-from llmkd.logit_cache.reader import CachedTeacher
+from llmkd.losses.bucketed import RAW_LOGIT_LOSSES, bucketed_logit_loss
+from llmkd.teachers.cached import fingerprint as F
+from llmkd.teachers.cached.reader import CachedTeacher
 from llmkd.trainer import DistillationTrainer
 
 CACHE_COLUMN = "cache_index"

@@ -1,0 +1,1 @@
+"""Benchmarks (`make bench`): outside the package, run from the repository root as `python -m benchmarks.NAME`."""

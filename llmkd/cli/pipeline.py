@@ -1,0 +1,320 @@
+"""End-to-end jobs behind the command line, callable from Python: `distill(...)` and `finetune(...)`."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import torch
+from sklearn.metrics import accuracy_score
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, set_seed
+
+from llmkd.atomic import write_json
+from llmkd.cli.recipe import FINETUNE, load_config, load_stages, trainer_classes
+from llmkd.cross_tokenizer import tokenize_pairs
+from llmkd.data import glue
+from llmkd.data.loading import (
+    PromptCompletionCollator,
+    collator_for,
+    load_raw,
+    tokenize,
+    tokenize_prompt_completion,
+)
+from llmkd.evaluation.metrics import make_compute_metrics
+from llmkd.modeling import CAUSAL_LM, SEQ_CLS
+from llmkd.students.from_teacher import describe, student_from_config, student_from_teacher
+from llmkd.students.loading import detect_task, load_model, resolve_path
+
+logger = logging.getLogger(__name__)
+REPORT = "llmkd_report.json"
+
+
+def build_models(run, args):
+    """Teacher, student and their tokenizers, as the recipe says."""
+    common = {"revision": run.teacher_revision, "trust_remote_code": run.trust_remote_code}
+    run.teacher, run.student = resolve_path(run.teacher), resolve_path(run.student)
+    task = run.task or detect_task(run.teacher, **common)
+    teacher = load_model(run.teacher, task, attn_implementation=run.attn_implementation, **common)
+    teacher_tok = AutoTokenizer.from_pretrained(run.teacher, **common)
+    student, student_tok = build_student(run, args, task, teacher, teacher_tok)
+    return task, teacher, teacher_tok, student, student_tok
+
+
+def build_student(run, args, task: str, teacher, teacher_tok=None):
+    """The student: a checkpoint (`teacher` may then be just its config), the teacher's layers, or a config."""
+    config = getattr(teacher, "config", teacher)
+    if run.qlora:
+        from llmkd.students.lora import qlora_student
+
+        student = qlora_student(run.student, task, **_options(run.lora, "merge"), **_labels(task, config))
+        return student, AutoTokenizer.from_pretrained(run.student, trust_remote_code=run.trust_remote_code)
+    if run.student is not None:
+        student = load_model(
+            run.student,
+            task,
+            trust_remote_code=run.trust_remote_code,
+            attn_implementation=run.attn_implementation,
+            **_labels(task, config),
+        )
+        student_tok = AutoTokenizer.from_pretrained(run.student, trust_remote_code=run.trust_remote_code)
+    elif run.student_layers is not None:
+        student, student_tok = student_from_teacher(teacher, run.student_layers), teacher_tok
+    else:
+        student, student_tok = student_from_config(teacher, run.student_config, seed=args.seed), teacher_tok
+    if (
+        run.student is None
+    ):  # a student made from the teacher is not the teacher: no adapter may name it as base
+        student.config._name_or_path = ""
+    if run.student_dtype == "float32" and student.dtype != torch.float32:
+        logger.info(
+            "student weights %s -> float32 for training (student_dtype: auto keeps them)", student.dtype
+        )
+        student.float()
+    if run.freeze_embeddings:
+        student.get_input_embeddings().requires_grad_(False)
+    if run.qat is not None:
+        from llmkd.students.quantize import quantize_student
+
+        quantize_student(student, **_options(run.qat, "export"))
+    if run.lora is not None:
+        from llmkd.students.lora import lora_student
+
+        student = lora_student(student, **_options(run.lora, "merge"))
+    return student, student_tok
+
+
+def _labels(task: str, config) -> dict:
+    if task != SEQ_CLS:
+        return {}
+    return {"num_labels": config.num_labels, "label2id": config.label2id, "id2label": config.id2label}
+
+
+def _options(values: dict, *drop: str) -> dict:
+    return {k: v for k, v in values.items() if k not in drop}
+
+
+def export_student(run, trainer, args) -> dict:
+    """After training: the int model (qat: export) and the merged LoRA model (lora: merge), on the main process."""
+    out = {}
+    if not trainer.is_world_process_zero():
+        return out
+    if run.qat is not None and run.qat.get("export", True):
+        from llmkd.students.quantize import export_quantized
+
+        out["quantized"] = os.path.join(args.output_dir, "quantized")
+        export_quantized(trainer.model, out["quantized"])
+    if run.lora is not None and run.lora.get("merge"):
+        from llmkd.students.lora import merge_and_save
+
+        out["merged"] = os.path.join(args.output_dir, "merged")
+        merge_and_save(trainer.model, out["merged"], trainer.processing_class)
+    return out
+
+
+def build_data(run, task: str, tokenizer, model_config=None, teacher_tokenizer=None) -> tuple:
+    """(train, eval) tokenised; eval is a Dataset, a {split: Dataset} dict (MNLI) or None.
+
+    With `glue_task`, columns and classes come from the GLUE table and the data from the Hub or `data_dir`;
+    the labels are checked against the model's id2label (and remapped when only the order differs).
+    """
+    if run.glue_task:
+        glue_task = glue.get_task(run.glue_task)
+        raw = glue.load_glue(glue_task, data_dir=run.data_dir)
+        mapping = glue.align_labels(glue_task, model_config) if model_config is not None else None
+        raw = {split: glue.remap_dataset_labels(data, mapping) for split, data in raw.items()}
+        columns, names = list(glue_task.text_columns), None
+    else:
+        raw = load_raw(run.train_file, run.validation_file, run.dataset_name, run.dataset_config)
+        columns, names = run.text_columns, _label_names(model_config) if model_config is not None else None
+    encoded = {}
+    for split, data in raw.items():
+        limit = run.max_train_samples if split == "train" else run.max_eval_samples
+        if limit:
+            data = data.select(range(min(limit, len(data))))
+        encoded[split] = _encode(run, data, task, (tokenizer, teacher_tokenizer), columns, names)
+        if task == CAUSAL_LM:  # blank lines (wikitext has many) leave nothing to predict
+            encoded[split] = encoded[split].filter(
+                lambda row: len(row["input_ids"]) > 1, desc="dropping empty"
+            )
+    train = encoded.pop("train")
+    if len(encoded) > 1:
+        return train, encoded
+    return train, next(iter(encoded.values()), None)
+
+
+def prompt_column(run) -> str | None:
+    """The prompt column when the recipe has prompt/completion data (on-policy needs it), else None."""
+    return getattr(run, "prompt_column", None) or (
+        "prompt" if getattr(run, "trainer", None) == "on_policy" else None
+    )
+
+
+def _encode(run, data, task: str, tokenizers, columns, names):
+    tokenizer, teacher_tokenizer = tokenizers
+    if teacher_tokenizer is not None:
+        return tokenize_pairs(
+            data,
+            tokenizer,
+            teacher_tokenizer,
+            text_column=columns if isinstance(columns, str) else columns[0],
+            prompt_column=prompt_column(run),
+            completion_column=run.completion_column if prompt_column(run) else None,
+            max_length=run.max_length,
+        )
+    if task == CAUSAL_LM and prompt_column(run):
+        return tokenize_prompt_completion(
+            data,
+            tokenizer,
+            prompt_column=prompt_column(run),
+            completion_column=run.completion_column,
+            max_length=run.max_length,
+            max_prompt_length=run.max_prompt_length,
+        )
+    return tokenize(data, tokenizer, task, columns, run.label_column, run.max_length, names)
+
+
+def collator_of(run, task: str, tokenizer):
+    if prompt_column(run) and task != CAUSAL_LM:
+        raise ValueError(f"prompt_column is for causal LMs (prompt/completion data); this is a {task} run")
+    return PromptCompletionCollator(tokenizer) if prompt_column(run) else collator_for(task, tokenizer)
+
+
+def metrics_for(run, task: str, model_config):
+    """GLUE metrics for a GLUE task, accuracy for other classifiers, nothing for LMs and regression."""
+    if run.glue_task:
+        return make_compute_metrics(run.glue_task)
+    return accuracy if task == SEQ_CLS and model_config.num_labels > 1 else None
+
+
+def distill(config_path: str, overrides: list[str] = ()) -> dict:
+    """Runs a distillation recipe end to end, stage by stage; returns the last stage's report."""
+    from llmkd.cli.cache import CacheRunConfig  # RunConfig + teacher_cache keys
+
+    stages = load_stages(config_path, list(overrides), CacheRunConfig)
+    reports = [distill_stage(run, args) for run, args in stages]
+    return reports[-1] | ({"stages": reports[:-1]} if len(reports) > 1 else {})
+
+
+def distill_stage(run, args) -> dict:
+    """One distillation from parsed configs; the report is also written to args.output_dir."""
+    set_seed(args.seed)
+    if getattr(run, "teacher_cache", None):
+        return distill_from_cache(run, args)
+    task, teacher, teacher_tok, student, student_tok = build_models(run, args)
+    both = teacher_tok if run.trainer == "cross_tokenizer" else None  # ULD: every row in both tokenizations
+    train, evaluation = build_data(run, task, student_tok, teacher.config if task == SEQ_CLS else None, both)
+    trainer_cls = trainer_classes(run.trainer)[0]
+    collator = None if both is not None else collator_of(run, task, student_tok)  # ULD: the trainer's own
+    trainer = trainer_cls(
+        model=student,
+        teacher=teacher,
+        args=args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        data_collator=collator,
+        processing_class=student_tok,
+        teacher_processing_class=teacher_tok,
+        compute_metrics=metrics_for(run, task, teacher.config),
+    )
+    report = {
+        "teacher": run.teacher,
+        "trainer": type(trainer).__name__,
+        "task": task,
+        "student": describe(student),
+        "teacher_size": describe(teacher),
+    }
+    return train_and_report(trainer, args, report, run)
+
+
+def distill_from_cache(run, args) -> dict:
+    """Distillation from `llmkd cache-teacher`'s folder: the teacher is loaded only to build a student from it."""
+    from llmkd.logit_cache import CachedDistillationTrainer, CachedTeacher, cached_trainer_kwargs
+
+    if run.trainer != "distill":
+        raise ValueError(
+            f"teacher_cache works with trainer: distill, not {run.trainer!r}: sampled completions and other "
+            "tokenizations need the live teacher; remove teacher_cache"
+        )
+    cached = CachedTeacher(run.teacher_cache)
+    # Resolved as `llmkd cache-teacher` resolved them, so that the teacher's fingerprint key matches.
+    run.teacher, run.student = resolve_path(run.teacher), resolve_path(run.student)
+    if run.student is not None:
+        student, student_tok = build_student(run, args, cached.task, cached.config)
+    else:  # student_layers / student_config copy the teacher's weights once; the teacher is freed before training
+        _, teacher, teacher_tok, student, student_tok = build_models(run, args)
+        del teacher
+    task = cached.task
+    train, evaluation = build_data(run, task, student_tok, cached.config if task == SEQ_CLS else None)
+    kwargs = cached_trainer_kwargs(
+        cached, args=args, train_dataset=train, eval_dataset=evaluation, processing_class=student_tok, run=run
+    )
+    trainer = CachedDistillationTrainer(
+        model=student,
+        data_collator=collator_of(run, task, student_tok),
+        processing_class=student_tok,
+        compute_metrics=metrics_for(run, task, cached.config),
+        **kwargs,
+    )
+    report = {"teacher": run.teacher, "teacher_cache": run.teacher_cache, "trainer": type(trainer).__name__}
+    report |= {"task": task, "student": describe(student)}
+    return train_and_report(trainer, args, report, run)
+
+
+def finetune(config_path: str, overrides: list[str] = ()) -> dict:
+    """Fine-tunes a sequence classifier (e.g. a teacher) with the plain `transformers.Trainer`."""
+    run, args = load_config(config_path, list(overrides), *FINETUNE)
+    run.model = resolve_path(run.model)
+    set_seed(args.seed)
+    names = list(run.class_names or glue.get_task(run.glue_task).label_names)
+    labels = (
+        {"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}} if names else {}
+    )
+    model = AutoModelForSequenceClassification.from_pretrained(
+        run.model,
+        revision=run.revision,
+        trust_remote_code=run.trust_remote_code,
+        num_labels=max(len(names), 1),  # no class names: one regression score (STS-B)
+        **labels,
+        **({"attn_implementation": run.attn_implementation} if run.attn_implementation else {}),
+    )
+    tokenizer = AutoTokenizer.from_pretrained(
+        run.model, revision=run.revision, trust_remote_code=run.trust_remote_code
+    )
+    train, evaluation = build_data(run, SEQ_CLS, tokenizer, model.config)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        data_collator=collator_for(SEQ_CLS, tokenizer),
+        processing_class=tokenizer,
+        compute_metrics=metrics_for(run, SEQ_CLS, model.config),
+    )
+    return train_and_report(trainer, args, {"model": run.model, "size": describe(model)})
+
+
+def train_and_report(trainer, args, report: dict, run=None) -> dict:
+    """Train (resuming if asked), save the plain model, evaluate, and write llmkd_report.json atomically."""
+    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.save_model()
+    report["train"] = result.metrics | {"world_size": args.world_size}
+    if trainer.eval_dataset is not None:
+        report["eval"] = trainer.evaluate()
+    if run is not None:  # exports last: merging LoRA consumes the adapted model
+        report |= export_student(run, trainer, args)
+    if trainer.is_world_process_zero():
+        write_json(os.path.join(args.output_dir, REPORT), report)
+    return report
+
+
+def accuracy(prediction) -> dict:
+    logits = (
+        prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+    )
+    return {"accuracy": float(accuracy_score(prediction.label_ids, np.argmax(logits, axis=-1)))}
+
+
+def _label_names(config) -> list[str] | None:
+    names = [config.id2label[i] for i in range(config.num_labels)] if config.id2label else None
+    return None if names is None or all(n == f"LABEL_{i}" for i, n in enumerate(names)) else names

@@ -1,0 +1,303 @@
+"""Recipe configs: dataclass defaults < YAML < `--field value` flags, with every key checked."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+from dataclasses import dataclass, field
+
+import yaml
+from transformers import TrainingArguments
+
+from llmkd.config import DistillationConfig
+from llmkd.data.glue import GLUE_TASKS
+from llmkd.modeling import CAUSAL_LM, SEQ_CLS
+
+NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _help(text: str, default=None, factory=None):
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class DataConfig:
+    """Which data, which columns, how long."""
+
+    train_file: str | None = _help("csv/tsv/json/jsonl/parquet training file.")
+    validation_file: str | None = _help("Validation file, same format.")
+    dataset_name: str | None = _help("A `datasets` name (Hub or local script) instead of files.")
+    dataset_config: str | None = _help("The dataset's configuration name.")
+    glue_task: str | None = _help(
+        "A GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli): columns, classes and metrics from "
+        "llmkd.data.glue; data from the Hub (nyu-mll/glue) or from data_dir."
+    )
+    data_dir: str | None = _help("With glue_task: a folder of local files train.<ext>, validation.<ext>, ...")
+    text_columns: list | str = _help("Text column(s); two for sentence pairs.", "text")
+    label_column: str | None = _help("Gold label column (classifiers).", "label")
+    max_length: int = _help("Truncate inputs to this many tokens (> 0).", 128)
+    max_train_samples: int | None = _help("Use only the first N training rows.")
+    max_eval_samples: int | None = _help("Use only the first N validation rows.")
+    trust_remote_code: bool = _help("Run model code from the Hub (off: only trusted architectures).", False)
+    attn_implementation: str | None = _help("eager, sdpa, … (default: transformers' choice).")
+    prompt_column: str | None = _help(
+        "Causal LMs: prompt/completion data: the prompt column (the loss then covers completion tokens only; "
+        "a chat 'messages' column works too). Default: plain text, or 'prompt' for trainer: on_policy."
+    )
+    completion_column: str = _help(
+        "Causal LMs: the completion column of prompt/completion data.", "completion"
+    )
+    max_prompt_length: int | None = _help("Keep only a prompt's last N tokens.")
+
+    def __post_init__(self):
+        if not isinstance(self.max_length, int) or self.max_length <= 0:
+            raise ValueError(f"max_length must be a positive integer, got {self.max_length!r}")
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name} must be a positive integer or null, got {value!r}")
+        if not (self.train_file or self.dataset_name or self.glue_task):
+            raise ValueError(
+                "no data: set train_file (csv/tsv/json/jsonl/parquet), dataset_name or glue_task"
+            )
+        if self.glue_task is not None and self.glue_task not in GLUE_TASKS:
+            raise ValueError(f"glue_task={self.glue_task!r}: choose one of {sorted(GLUE_TASKS)}")
+
+
+@dataclass
+class RunConfig(DataConfig):
+    """What to distil into what (the part of a distillation recipe that is not TrainingArguments)."""
+
+    teacher: str | None = _help("Teacher: a Hub id or a local directory.")
+    teacher_revision: str | None = _help("Hub revision of the teacher (branch, tag or commit).")
+    task: str | None = _help(f"{CAUSAL_LM} or {SEQ_CLS} (default: from the teacher's architectures).")
+    student: str | None = _help("Student: a Hub id or a local directory.")
+    student_layers: list | str | None = _help(
+        "Student from the teacher: teacher layers to keep, [0, 2, 4] or 'every:K', 'first:N', 'last:N'."
+    )
+    student_config: dict | None = _help(
+        "Fresh student: the teacher's config with these fields changed, e.g. {num_hidden_layers: 4}."
+    )
+    freeze_embeddings: bool = _help(
+        "Keep the student's token embeddings fixed: for small students they hold most of the parameters, so "
+        "steps get much cheaper on CPU; students built from the teacher's layers start from its embeddings.",
+        False,
+    )
+    lora: dict | None = _help(
+        "Train LoRA adapters instead of the student's weights (peft): {r: 8, alpha: 16, dropout: 0.0, "
+        "target_modules: null (all linear layers but the head), modules_to_save: null, merge: false}; checkpoints "
+        "hold the adapter; merge: true also writes output_dir/merged, a plain model."
+    )
+    qlora: bool = _help(
+        "With lora: load the student checkpoint (student: PATH) in 4-bit NF4 through bitsandbytes (QLoRA; "
+        "pip install llmkd[qlora]).",
+        False,
+    )
+    qat: dict | None = _help(
+        "Quantisation-aware distillation: {bits: 4 or 8, group_size: null or N, exclude: [lm_head, classifier, "
+        "score], export: true}: Linear layers compute with fake-quantised weights (straight-through gradients); "
+        "export writes output_dir/quantized, the int model."
+    )
+    trainer: str = _help(
+        "Which trainer: distill (DistillationTrainer), on_policy (GKD: student-sampled completions; its keys "
+        "lmbda, seq_kd, max_new_tokens, sampling_temperature, top_k, top_p), cross_tokenizer (ULD for a "
+        "student with another tokenizer; keys uld_weight, uld_chunk_size).",
+        "distill",
+    )
+    student_dtype: str = _help(
+        "Student weights dtype while training: float32 (default; bf16: true / fp16: true then train in mixed "
+        "precision with float32 master weights, as optimizers need) or auto (as loaded, e.g. a bf16 checkpoint "
+        "trained in pure bf16).",
+        "float32",
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.trainer not in TRAINERS:
+            raise ValueError(f"trainer={self.trainer!r}: choose one of {sorted(TRAINERS)}")
+        self._check_student_options()
+        if self.student_dtype not in ("float32", "auto"):
+            raise ValueError(f"student_dtype must be float32 or auto, got {self.student_dtype!r}")
+        if not self.teacher:
+            raise ValueError("no teacher: set teacher to a Hub id or a local model directory")
+        sources = [k for k in ("student", "student_layers", "student_config") if getattr(self, k) is not None]
+        if len(sources) != 1:
+            raise ValueError(
+                f"set exactly one of student, student_layers, student_config (got {sources or 'none'})"
+            )
+        if self.task not in (None, CAUSAL_LM, SEQ_CLS):
+            raise ValueError(f"task={self.task!r}: use {CAUSAL_LM} or {SEQ_CLS}")
+
+    def _check_student_options(self) -> None:
+        allowed = {
+            "lora": {"r", "alpha", "dropout", "target_modules", "modules_to_save", "merge"},
+            "qat": {"bits", "group_size", "exclude", "export"},
+        }
+        for name, keys in allowed.items():
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, dict) or set(value) - keys):
+                raise ValueError(f"{name} must be a mapping with keys from {sorted(keys)}, got {value!r}")
+        if self.lora is not None and self.qat is not None:
+            raise ValueError("lora and qat together are not supported: train adapters or a quantised student")
+        if self.qlora and (self.lora is None or self.student is None):
+            raise ValueError(
+                "qlora: true needs lora: {...} and student: PATH (a checkpoint to load in 4 bits)"
+            )
+        if self.qlora and self.lora.get("merge"):
+            raise ValueError(
+                "lora: {merge: true} cannot fold adapters into a 4-bit base; drop merge for qlora"
+            )
+
+
+@dataclass
+class FinetuneConfig(DataConfig):
+    """Fine-tune a classifier (a teacher for users without a fine-tuned Hub checkpoint)."""
+
+    model: str | None = _help("Base model: a Hub id or a local directory (a fresh head is added).")
+    revision: str | None = _help("Hub revision of the model.")
+    class_names: list | None = _help("Class names in label-id order, e.g. [negative, positive].")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.model:
+            raise ValueError("no model: set model to a Hub id or a local model directory")
+        if not self.class_names and not self.glue_task:
+            raise ValueError("class_names must list the classes in label-id order, e.g. [negative, positive]")
+
+
+def parse_overrides(tokens: list[str]) -> dict:
+    """`--key value`, `--key=value` or a bare `--flag` (true); values are read as YAML scalars/lists."""
+    out, i = {}, 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--"):
+            raise ValueError(f"unexpected argument {token!r}; overrides look like --learning_rate 1e-4")
+        key, eq, value = token[2:].partition("=")
+        if not eq:
+            has_value = i + 1 < len(tokens) and not tokens[i + 1].startswith("--")
+            value = tokens[i + 1] if has_value else "true"
+            i += has_value
+        out[key.replace("-", "_")] = _numbers(yaml.safe_load(value))
+        i += 1
+    return out
+
+
+def _numbers(value):
+    """YAML 1.1 reads `1e-4` as a string; recipes mean the number."""
+    if isinstance(value, str) and NUMBER.fullmatch(value.strip()):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    return value
+
+
+def split_config(
+    values: dict, run_cls=RunConfig, args_cls=DistillationConfig, default_output_dir="runs/distill"
+):
+    """Routes each key to the run dataclass or the TrainingArguments one; unknown keys get a suggestion."""
+    run_keys = {f.name for f in dataclasses.fields(run_cls)}
+    train_keys = {f.name for f in dataclasses.fields(args_cls) if f.init}
+    shared = run_keys & train_keys
+    assert not shared, (
+        f"{run_cls.__name__} and {args_cls.__name__} both define {shared}"
+    )  # a key must mean one thing
+    unknown = sorted(set(values) - run_keys - train_keys)
+    if unknown:
+        hints = {k: difflib.get_close_matches(k, run_keys | train_keys, n=1) for k in unknown}
+        described = [f"{k} (did you mean {h[0]}?)" if h else k for k, h in hints.items()]
+        raise ValueError("unknown config keys: " + ", ".join(described))
+    train_values = {k: v for k, v in values.items() if k in train_keys}
+    train_values.setdefault("output_dir", default_output_dir)
+    run = run_cls(**{k: v for k, v in values.items() if k in run_keys})
+    return run, args_cls(**train_values)
+
+
+def read_yaml(path: str) -> dict:
+    with open(path, encoding="utf-8") as handle:
+        values = yaml.safe_load(handle) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a mapping of config keys, got {type(values).__name__}")
+    return {k: _numbers(v) for k, v in values.items()}
+
+
+def load_config(path: str, overrides: list[str], run_cls=RunConfig, args_cls=DistillationConfig):
+    """One (run, training-arguments) pair; see `load_stages` for multi-stage recipes."""
+    stages = load_stages(path, overrides, run_cls, args_cls)
+    if len(stages) != 1:
+        raise ValueError(f"{path} has {len(stages)} stages; run it with `llmkd distill`")
+    return stages[0]
+
+
+def load_stages(
+    path: str, overrides: list[str], run_cls=RunConfig, args_cls=DistillationConfig
+) -> list[tuple]:
+    """Every stage of a recipe, all validated before any training.
+
+    A recipe may list `stages:` (e.g. TinyBERT's intermediate then prediction-layer distillation): each stage's
+    keys override the shared ones, flags override both, and stage k > 1 starts from stage k-1's student.
+    `smoke: true` shrinks any recipe to a tiny slice and two steps, which is what CI runs.
+    """
+    base, flags = read_yaml(path), parse_overrides(overrides)
+    stages = base.pop("stages", None) or [{}]
+    smoke = flags.pop("smoke", base.pop("smoke", False))
+    stem = os.path.splitext(os.path.basename(path))[0]
+    final_dir = (base | flags).get("output_dir", os.path.join("runs", stem))
+    out = []
+    for k, stage in enumerate(stages):
+        values = base | stage | flags | (SMOKE if smoke else {})
+        if k > 0:  # later stages continue from the previous stage's student
+            values = {key: v for key, v in values.items() if key not in ("student_layers", "student_config")}
+            values["student"] = out[-1][1].output_dir
+        values["output_dir"] = (
+            final_dir if k == len(stages) - 1 else os.path.join(final_dir, f"stage-{k + 1}")
+        )
+        classes = (
+            trainer_classes(values.get("trainer", "distill")) if issubclass(run_cls, RunConfig) else None
+        )
+        out.append(split_config(values, run_cls, classes[1] if classes else args_cls))
+    early = [
+        k + 1 for k, (run, _) in enumerate(out[:-1]) if getattr(run, "lora", None) or getattr(run, "qlora", 0)
+    ]
+    if early:  # stage k+1 loads stage k's output as a full model, but a LoRA stage saves only an adapter
+        raise ValueError(f"lora/qlora in stage(s) {early}: LoRA may only be set on the last stage")
+    return out
+
+
+# trainer name -> ("module:Trainer", "module:Config"): one place to add a trainer; imported when chosen.
+TRAINERS = {
+    "distill": ("llmkd.trainer:DistillationTrainer", "llmkd.config:DistillationConfig"),
+    "on_policy": ("llmkd.onpolicy:OnPolicyTrainer", "llmkd.onpolicy:OnPolicyConfig"),
+    "cross_tokenizer": (
+        "llmkd.cross_tokenizer:CrossTokenizerTrainer",
+        "llmkd.cross_tokenizer:CrossTokenizerConfig",
+    ),
+}
+
+
+def trainer_classes(name: str) -> tuple[type, type]:
+    """(trainer class, its config dataclass) for a recipe's `trainer:` key."""
+    import importlib
+
+    if name not in TRAINERS:
+        raise ValueError(f"trainer={name!r}: choose one of {sorted(TRAINERS)}")
+    return tuple(getattr(importlib.import_module(m), c) for m, c in (x.split(":") for x in TRAINERS[name]))
+
+
+SMOKE = {
+    "max_train_samples": 32,
+    "max_eval_samples": 16,
+    "max_steps": 2,
+    "save_strategy": "no",
+    "eval_strategy": "no",
+    "logging_steps": 1,
+    "report_to": "none",
+}
+
+
+FINETUNE = (FinetuneConfig, TrainingArguments)

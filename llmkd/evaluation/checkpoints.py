@@ -1,0 +1,208 @@
+"""Teacher-vs-student evaluation on GLUE-format tasks: scores, agreement, size and CPU speed, as a report.
+
+`evaluate_checkpoints` returns a JSON-able dict; `write_report` turns it into report.md, report.json and
+score_vs_speedup.png. `main` is the `llmkd eval` / `python eval/glue.py` command line.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+from llmkd.data.glue import (
+    DataSource,
+    align_labels,
+    get_task,
+    load_validation,
+    resolve_tasks,
+    to_dataset_order,
+)
+from llmkd.evaluation.metrics import compute_metrics, predicted_labels, task_score
+
+
+def check_checkpoints(checkpoints: Mapping, tasks: Sequence[str], tokenizer, speed_seq_len=None) -> None:
+    """Labels, tokenizer and speed input length of every checkpoint, from configs: fail before evaluating any."""
+    for name, source in checkpoints.items():
+        in_memory = isinstance(source, nn.Module)
+        config = source.config if in_memory else AutoConfig.from_pretrained(os.fspath(source))
+        if in_memory and tokenizer is None:
+            raise ValueError(f"checkpoint {name!r} is an in-memory model: it needs a tokenizer=...")
+        for task in tasks:
+            try:
+                align_labels(task, config)
+            except ValueError as err:
+                raise ValueError(f"checkpoint {name!r} on {task}: {err}") from None
+        limit = getattr(config, "max_position_embeddings", None)
+        if speed_seq_len and limit and speed_seq_len > limit:
+            raise ValueError(
+                f"checkpoint {name!r} takes at most {limit} positions but speed_seq_len={speed_seq_len}; "
+                f"pass speed_seq_len <= {limit}"
+            )
+
+
+def load_checkpoint(source, tokenizer=None):
+    """(model in eval mode, tokenizer, description) from a directory / Hub id or an in-memory model."""
+    if isinstance(source, nn.Module):
+        return source.eval(), tokenizer, f"<in-memory {type(source).__name__}>"
+    path = os.fspath(source)
+    model = AutoModelForSequenceClassification.from_pretrained(path)
+    return model.eval(), tokenizer or AutoTokenizer.from_pretrained(path), path
+
+
+@torch.inference_mode()
+def predict_logits(model, tokenizer, dataset, task: str, batch_size: int, max_length: int) -> np.ndarray:
+    """Logits (N, C) for the dataset's text columns, in dataset order, in float32."""
+    device = next(model.parameters()).device
+    columns = [dataset[c] for c in get_task(task).text_columns]
+    chunks = []
+    for start in range(0, len(dataset), batch_size):
+        texts = [column[start : start + batch_size] for column in columns]
+        batch = tokenizer(*texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        chunks.append(model(**batch.to(device)).logits.float().cpu())
+    return torch.cat(chunks).numpy()
+
+
+@torch.inference_mode()
+def measure_speed(model, batch_size: int = 1, seq_len: int = 128, repeats: int = 10, warmup: int = 2) -> dict:
+    """Median wall time of a forward pass on random token ids of exactly `seq_len` (no padding shortcut).
+
+    Runs on the model's device with the current `torch.get_num_threads()`; warm-up passes are not timed
+    (allocator, kernel selection, lazy init).
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=generator).to(device)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    model.eval()
+    timings = []
+    for step in range(warmup + repeats):
+        start = time.perf_counter()
+        model(**inputs)
+        if device.type == "cuda":  # kernels run asynchronously: wait for them before reading the clock
+            torch.cuda.synchronize(device)
+        if step >= warmup:
+            timings.append(time.perf_counter() - start)
+    median = statistics.median(timings)
+    out = {"batch_size": batch_size, "seq_len": seq_len, "repeats": repeats, "latency_ms": 1000.0 * median}
+    return out | {"throughput": batch_size / median}
+
+
+def evaluate_model(model, tokenizer, data: dict, batch_size: int, max_length: int) -> tuple[dict, dict]:
+    """(JSON-able entry, {task: predicted labels in the dataset's label space, splits concatenated})."""
+    entry = {"params": sum(p.numel() for p in model.parameters()), "metrics": {}, "task_scores": {}}
+    entry["label_mapping"], predictions = {}, {}
+    for task, splits in data.items():
+        # Align before predicting: a checkpoint with another class order (or other classes) must not be scored.
+        mapping = align_labels(task, model.config)
+        entry["label_mapping"][task] = {str(k): v for k, v in mapping.items()} if mapping else None
+        entry["metrics"][task], per_split = {}, []
+        for split, dataset in splits.items():
+            logits = to_dataset_order(
+                predict_logits(model, tokenizer, dataset, task, batch_size, max_length), mapping
+            )
+            entry["metrics"][task][split] = compute_metrics(task, logits, dataset["label"])
+            per_split.append(predicted_labels(task, logits))
+        entry["task_scores"][task] = float(
+            np.mean([task_score(task, m) for m in entry["metrics"][task].values()])
+        )
+        predictions[task] = np.concatenate(per_split)
+    entry["score"] = float(np.mean(list(entry["task_scores"].values())))
+    return entry, predictions
+
+
+def _ratio(value, reference, percent: bool = False):
+    if value is None or reference is None or reference <= 0 or not math.isfinite(reference):
+        return None
+    return (100.0 if percent else 1.0) * value / reference
+
+
+def compare_to_reference(models: dict, predictions: dict, reference: str) -> None:
+    """Adds % of the reference's score, argmax agreement with it and speed-ups to every model's entry."""
+    ref, ref_predictions = models[reference], predictions[reference]
+    for name, entry in models.items():
+        pct = {t: _ratio(s, ref["task_scores"][t], percent=True) for t, s in entry["task_scores"].items()}
+        entry["pct_of_reference"] = pct | {"macro": _ratio(entry["score"], ref["score"], percent=True)}
+        entry["agreement"] = {
+            task: float(np.mean(labels == ref_predictions[task]))
+            for task, labels in predictions[name].items()
+            if not get_task(task).is_regression  # a regression score has no argmax to agree on
+        }
+        entry["mean_agreement"] = (
+            float(np.mean(list(entry["agreement"].values()))) if entry["agreement"] else None
+        )
+        entry["speedup"] = _ratio(entry.get("throughput"), ref.get("throughput"))
+        entry["latency_speedup"] = _ratio(ref.get("latency_ms"), entry.get("latency_ms"))
+
+
+def evaluate_checkpoints(
+    checkpoints: Mapping[str, str | os.PathLike | nn.Module],
+    task: str | Sequence[str] = "sst2",
+    data: DataSource = None,
+    tokenizer=None,
+    *,
+    data_dir: str | None = None,
+    batch_size: int = 32,
+    max_length: int = 128,
+    max_eval_samples: int | None = None,
+    reference: str | None = "teacher",
+    device: str | None = None,
+    speed_repeats: int = 10,
+    speed_warmup: int = 2,
+    speed_seq_len: int = 128,
+    speed_batch_size: int = 32,
+) -> dict:
+    """Scores, agreement, size and CPU speed of each checkpoint on each task's validation split(s).
+
+    `checkpoints` maps a display name to a directory (AutoModelForSequenceClassification; its tokenizer is
+    loaded from there unless `tokenizer` is given) or an in-memory model. `data` is a DatasetDict (one task),
+    {task: DatasetDict}, a callable task -> DatasetDict, or None to read `data_dir` (or the Hub) with load_glue.
+    Speed is measured on CPU: latency at batch 1, throughput at `speed_batch_size`, both at `speed_seq_len`;
+    `speed_repeats=0` skips it. Every model is compared with `reference` (None: no comparison).
+    """
+    tasks = resolve_tasks(task)
+    if reference is not None and reference not in checkpoints:
+        raise ValueError(f"reference {reference!r} is not one of the checkpoints {list(checkpoints)}")
+    check_checkpoints(checkpoints, tasks, tokenizer, speed_seq_len if speed_repeats > 0 else None)
+    data = {t: load_validation(t, data, data_dir, max_eval_samples) for t in tasks}
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    models, predictions = {}, {}
+    for name, source in checkpoints.items():
+        model, model_tokenizer, description = load_checkpoint(source, tokenizer)
+        entry, predictions[name] = evaluate_model(
+            model.to(device), model_tokenizer, data, batch_size, max_length
+        )
+        entry["source"] = description
+        if speed_repeats > 0:
+            model.to("cpu")
+            latency = measure_speed(model, 1, speed_seq_len, speed_repeats, speed_warmup)
+            throughput = measure_speed(model, speed_batch_size, speed_seq_len, speed_repeats, speed_warmup)
+            entry |= {"latency_ms": latency["latency_ms"], "throughput": throughput["throughput"]}
+        models[name] = entry
+        del model  # one model in memory at a time
+    if reference is not None:
+        compare_to_reference(models, predictions, reference)
+    return {
+        "tasks": tasks,
+        "examples": {t: {s: len(d) for s, d in splits.items()} for t, splits in data.items()},
+        "reference": reference,
+        "speed": {
+            "device": "cpu",
+            "threads": torch.get_num_threads(),
+            "seq_len": speed_seq_len,
+            "latency_batch_size": 1,
+            "throughput_batch_size": speed_batch_size,
+            "repeats": speed_repeats,
+            "warmup": speed_warmup,
+        },
+        "models": models,
+    }

@@ -1,0 +1,65 @@
+"""Task metrics from scikit-learn / scipy (the `evaluate` library fetches its metric scripts from the Hub)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+from scipy.stats import pearsonr, spearmanr
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+from llmkd.data.glue import GlueTask, get_task
+
+
+def _pearson(y_pred, y_true) -> float:
+    return float(pearsonr(y_pred, y_true)[0])
+
+
+def _spearman(y_pred, y_true) -> float:
+    return float(spearmanr(y_pred, y_true)[0])
+
+
+# Each takes (predicted classes or scores, gold labels). F1 is for the positive class (id 1), as GLUE reports it.
+METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+    "accuracy": lambda p, y: float(accuracy_score(y, p)),
+    "f1": lambda p, y: float(f1_score(y, p, pos_label=1, average="binary")),
+    "matthews_correlation": lambda p, y: float(matthews_corrcoef(y, p)),
+    "pearson": _pearson,
+    "spearmanr": _spearman,
+}
+
+
+def predicted_labels(task: str | GlueTask, predictions) -> np.ndarray:
+    """Class ids from logits (N, C) (argmax), or scores (N,) from (N, 1) / (N,) for the regression task."""
+    predictions = np.asarray(predictions)
+    if get_task(task).is_regression:
+        return predictions.reshape(len(predictions), -1)[:, 0].astype(np.float64)
+    return predictions.argmax(axis=-1) if predictions.ndim == 2 else predictions.astype(np.int64)
+
+
+def compute_metrics(task: str | GlueTask, predictions, labels) -> dict[str, float]:
+    """The task's GLUE metrics; `predictions` are logits (N, C), class ids (N,), or stsb scores (N,) / (N, 1)."""
+    task = get_task(task)
+    predicted, labels = predicted_labels(task, predictions), np.asarray(labels)
+    if len(predicted) != len(labels):
+        raise ValueError(f"{len(predicted)} predictions but {len(labels)} labels")
+    return {name: METRICS[name](predicted, labels) for name in task.metrics}
+
+
+def task_score(task: str | GlueTask, metrics: Mapping[str, float]) -> float:
+    """One number per task: the mean of its metrics (F1/accuracy, Pearson/Spearman), as the GLUE leaderboard."""
+    return float(np.mean([metrics[name] for name in get_task(task).metrics]))
+
+
+def make_compute_metrics(task: str | GlueTask) -> Callable:
+    """A `transformers.Trainer(compute_metrics=...)` function for the task."""
+    task = get_task(task)
+
+    def _compute(eval_prediction) -> dict[str, float]:
+        predictions = eval_prediction.predictions
+        # Models that also return hidden states or attentions give a tuple with the logits first.
+        if isinstance(predictions, tuple):
+            predictions = predictions[0]
+        return compute_metrics(task, predictions, eval_prediction.label_ids)
+
+    return _compute
