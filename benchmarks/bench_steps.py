@@ -12,7 +12,7 @@ layers (0, 8, 16, 24; llmkd.models.student_from_teacher); text: Rotten Tomatoes 
   at the same positions — relative error (cached ≤ live for divergences) and the cosine of the two gradients with
   respect to the student logits — and the cache's bytes per position, from a cache actually written.
 - steps (side by side, interleaved round by round, median of ``--steps`` after ``--warmup``): (a) a training
-  step from a k = 64 float16 cache (CachedDistillationTrainer, forward KL, no hard labels) against plain
+  step from a k = 64 float16 cache (DistillationTrainer with the cache as teacher, forward KL, no hard labels) against plain
   fine-tuning (cross-entropy) of the same student, bar ≤ 1.10×; (b) a live-teacher distillation step
   (DistillationTrainer, same loss) against the ideal 1 + t(teacher forward) / t(student step), bar within 10%.
   Every step is ``Trainer.training_step`` (forward, loss, backward) plus the same AdamW step.
@@ -41,19 +41,14 @@ from transformers import (
     TrainingArguments,
 )
 
+from llmkd import DistillationConfig, DistillationTrainer
 from llmkd.atomic import write_json
-from llmkd.config import DistillationConfig
 from llmkd.data.assets.smollm2 import smollm2_path
-from llmkd.logit_cache import (
-    CachedDistillationTrainer,
-    bucketed_logit_loss,
-    cached_trainer_kwargs,
-    topk_targets,
-    write_cache,
-)
 from llmkd.losses import LOSSES
+from llmkd.losses.bucketed import bucketed_logit_loss
 from llmkd.students.from_teacher import student_from_teacher
-from llmkd.trainer import DistillationTrainer
+from llmkd.teachers.cached.binding import cached_trainer_kwargs
+from llmkd.teachers.cached.writer import topk_targets, write_cache
 
 STUDENT_LAYERS = [0, 8, 16, 24]
 NEAR_DROPPED = (7, 14, 21, 28)
@@ -205,7 +200,7 @@ def step_times(teacher, student, tokenizer, data, k, steps, warmup, workdir) -> 
             Trainer(model=copy.deepcopy(student), args=TrainingArguments(**_args(os.path.join(workdir, "f"))))
         ),
         "cached": _ready(
-            CachedDistillationTrainer(model=copy.deepcopy(student), processing_class=tokenizer, **kwargs)
+            DistillationTrainer(model=copy.deepcopy(student), processing_class=tokenizer, **kwargs)
         ),
         "live": _ready(
             DistillationTrainer(

@@ -1,17 +1,30 @@
-"""llmkd: knowledge distillation for Hugging Face transformers (Gou et al., 2021 taxonomy)."""
+"""llmkd: knowledge distillation for Hugging Face transformers (Gou et al., 2021 taxonomy).
 
-__all__ = ["DistillationConfig", "DistillationTrainer", "Term"]
+Layout (docs/architecture.md): ``losses`` (how far apart), ``knowledge`` (what is compared), ``teachers`` (where
+teacher outputs come from), ``schemes`` (how training is organised), ``students``, ``data``, ``evaluation``,
+``cli``.
+"""
+
 __version__ = "0.1.0"
+
+# name -> module: imported on first use, so that `import llmkd.losses` does not pay for transformers' Trainer.
+_EXPORTS = {
+    "DistillationConfig": "llmkd.schemes.config",
+    "DistillationTrainer": "llmkd.schemes.offline",
+    "OnPolicyConfig": "llmkd.schemes.on_policy",
+    "OnPolicyTrainer": "llmkd.schemes.on_policy",
+    "CrossTokenizerConfig": "llmkd.schemes.cross_tokenizer",
+    "CrossTokenizerTrainer": "llmkd.schemes.cross_tokenizer",
+    "Term": "llmkd.knowledge.base",
+    "CachedTeacher": "llmkd.teachers.cached.reader",
+    "student_from_teacher": "llmkd.students.from_teacher",
+}
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name):
-    # Lazy, so that `llmkd.data` or `llmkd.losses` do not pay for importing transformers' Trainer.
-    if name in ("DistillationConfig", "Term"):
-        from llmkd import config
+    if name in _EXPORTS:
+        import importlib
 
-        return getattr(config, name)
-    if name == "DistillationTrainer":
-        from llmkd.trainer import DistillationTrainer
-
-        return DistillationTrainer
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'llmkd' has no attribute {name!r}")

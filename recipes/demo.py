@@ -8,13 +8,15 @@
    student on the gold labels only as the control (recipes/demo/baseline.yaml), once per seed,
 4. prints the teacher-vs-student table and writes report.md / report.json / score_vs_speedup.png.
 
-Every finished step leaves its `llmkd_report.json`; an interrupted demo resumes from the first missing one.
+Every finished step leaves its `llmkd_report.json` and `demo_inputs.json` (its recipe, data and models by content
+hash); an interrupted demo resumes from the first missing one, and a step whose inputs changed is redone.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -24,8 +26,10 @@ from llmkd.data.assets.minilm import minilm_path
 from llmkd.data.assets.vader import prepare_rotten_tomatoes
 from llmkd.evaluation.checkpoints import evaluate_checkpoints
 from llmkd.evaluation.report import write_report
+from llmkd.teachers.cached.fingerprint import checkpoint_key, file_sha256
 
 RECIPES = Path(__file__).resolve().parent / "demo"
+INPUTS = "demo_inputs.json"  # in each step's folder: what the step was made from, files and models by content
 SMOKE = [
     "--max_train_samples",
     "64",
@@ -52,14 +56,68 @@ def parse(argv):
     return parser.parse_args(argv)
 
 
-def run_once(job, recipe: str, out_dir: Path, overrides: list[str]) -> dict:
-    """One recipe, skipped when its report says it finished (so the demo resumes where it stopped)."""
+def content(value):
+    """A file or checkpoint folder by its content, any other value as itself."""
+    path = Path(str(value))
+    if path.is_file():
+        return "file:" + file_sha256(path)
+    if path.is_dir():
+        return checkpoint_key(path)
+    return value
+
+
+def flag_inputs(overrides: list[str]) -> dict:
+    """{--flag: content} of `--flag value` overrides (files and model folders by content)."""
+    if len(overrides) % 2 or not all(str(flag).startswith("--") for flag in overrides[::2]):
+        return {"overrides": [content(v) for v in overrides]}
+    return {flag: content(value) for flag, value in zip(overrides[::2], overrides[1::2])}
+
+
+def ready(
+    done: Path, stamp: Path, inputs: dict, outputs: list, tag: str = "[demo]", quiet: bool = False
+) -> bool:
+    """True when the step is finished (`done` exists) and `stamp` says it was made from `inputs`.
+
+    Otherwise readies it: outputs made from other inputs are removed, saying which input changed, and
+    `stamp` is written first, so an interrupted step later resumes only into outputs of the same inputs.
+    `outputs[0]` names the step in messages."""
+    try:
+        saved = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        saved = None
+    if saved == inputs:
+        if done.exists() and not quiet:
+            print(f"{tag} {outputs[0]} is done, reusing it")
+        return done.exists()
+    if saved is not None or any(Path(p).exists() for p in outputs):
+        old = saved or {}
+        changed = sorted(k for k in inputs.keys() | old.keys() if old.get(k) != inputs.get(k))
+        why = ", ".join(changed) + " changed" if saved is not None else "nothing records its inputs"
+        print(f"{tag} {outputs[0]} was made from other inputs ({why}); redoing it")
+        for path in (*outputs, stamp):
+            remove(Path(path))
+    write_json(str(stamp), inputs)
+    return False
+
+
+def remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def run_once(
+    job, recipe: str, out_dir: Path, overrides: list[str], recipes: Path = RECIPES, tag="[demo]"
+) -> dict:
+    """One recipe, skipped when its report says it finished from the same recipe, data and models (so the demo
+    resumes where it stopped, and redoes a step whose inputs changed)."""
     report = out_dir / REPORT
-    if report.is_file():
-        print(f"[demo] {out_dir} is done, reusing it")
+    inputs = {"recipe": content(recipes / recipe)} | flag_inputs(overrides)
+    if ready(report, out_dir / INPUTS, inputs, [out_dir], tag):
         return json.loads(report.read_text())
-    print(f"[demo] {recipe} -> {out_dir}")
-    return job(str(RECIPES / recipe), [*overrides, "--output_dir", str(out_dir)])
+    print(f"{tag} {recipe} -> {out_dir}")
+    return job(str(recipes / recipe), [*overrides, "--output_dir", str(out_dir)])
 
 
 def demo_data(data_dir: str | None, out: Path, smoke: bool) -> tuple[Path, list[str]]:

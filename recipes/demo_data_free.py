@@ -12,7 +12,8 @@
 3. Generation throughput: llmkd's batched sampler vs batch-1 `generate()` (benchmarks/bench_generation.py).
 4. The table of every number and bar; summary.json and report.md under --out.
 
-Every stage leaves a JSON (or an `llmkd_report.json`); an interrupted demo resumes from the first missing one.
+Every stage leaves a JSON (or an `llmkd_report.json`) and a record of its inputs (recipe values, data and models by
+content hash); an interrupted demo resumes from the first missing one, and a stage whose inputs changed is redone.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import demo as glue_demo  # noqa: E402  (recipes/demo.py: the teacher and the re
 
 from benchmarks.bench_generation import benchmark_generation, decode_speed, perplexity  # noqa: E402
 from llmkd.atomic import atomic_write, write_json  # noqa: E402
-from llmkd.cli.pipeline import REPORT, distill, finetune  # noqa: E402
+from llmkd.cli.pipeline import distill, finetune  # noqa: E402
 from llmkd.data.assets.minilm import minilm_path  # noqa: E402
 from llmkd.data.synthesis import SamplingConfig, ZeroGenConfig, sample_teacher, zerogen_dataset  # noqa: E402
 from llmkd.evaluation.checkpoints import evaluate_checkpoints  # noqa: E402
@@ -40,6 +41,8 @@ from llmkd.evaluation.report import write_report
 from llmkd.students.from_teacher import student_from_teacher  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parent / "data_free"
+TAG = "[demo-data-free]"
+content = glue_demo.content  # a file or checkpoint folder by its content hash
 BARS = {"sentiment": 90.0, "generation": 5.0}  # % of the teacher's accuracy; x the tokens/s of generate()
 # Smoke: tiny sizes everywhere and loose filters (a random tiny generator writes random words).
 SMOKE_ZEROGEN = {"num_candidates": 16, "batch_size": 8, "shard_size": 8, "max_new_tokens": 6}
@@ -68,10 +71,13 @@ def parse(argv):
     return parser.parse_args(argv)
 
 
-def cached(path: Path, compute) -> dict:
-    """The JSON at `path` when a previous run wrote it, else compute() timed and written atomically."""
-    if path.is_file():
-        print(f"[demo-data-free] {path} is done, reusing it")
+def cached(path: Path, inputs: dict, compute, clear: tuple = ()) -> dict:
+    """The JSON at `path` when a previous run wrote it from the same `inputs` (models and files by content,
+    recorded in <path>.inputs), else compute() timed and written atomically. `clear`: the step's working
+    folders, removed with a stale result (a synthesis folder of other inputs refuses to resume) and kept
+    for a resume of the same inputs."""
+    stamp = path.with_name(path.name + ".inputs")
+    if glue_demo.ready(path, stamp, inputs, [path, *clear], TAG):
         return json.loads(path.read_text())
     start = time.perf_counter()
     result = compute() | {"seconds": round(time.perf_counter() - start, 1)}
@@ -80,12 +86,16 @@ def cached(path: Path, compute) -> dict:
 
 
 def run_recipe(job, recipe: str, out_dir: Path, overrides: list[str]) -> dict:
-    """One recipe of recipes/data_free, skipped when its llmkd_report.json says it finished."""
-    if (out_dir / REPORT).is_file():
-        print(f"[demo-data-free] {out_dir} is done, reusing it")
-        return json.loads((out_dir / REPORT).read_text())
-    print(f"[demo-data-free] {recipe} -> {out_dir}")
-    return job(str(RECIPES / recipe), [*overrides, "--output_dir", str(out_dir)])
+    """One recipe of recipes/data_free, skipped when it finished from the same recipe, data and models."""
+    return glue_demo.run_once(job, recipe, out_dir, overrides, recipes=RECIPES, tag=TAG)
+
+
+def student_init(folder: Path, inputs: dict, build) -> None:
+    """An untrained student saved by build(folder) unless one of the same `inputs` is there."""
+    if not glue_demo.ready(
+        folder / "config.json", folder / glue_demo.INPUTS, inputs, [folder], TAG, quiet=True
+    ):
+        build(folder)
 
 
 def recipe_values(name: str, smoke_values: dict, smoke: bool) -> dict:
@@ -105,7 +115,7 @@ def glue_teacher(args) -> tuple[Path, Path, Path]:
     demo_dir = Path(args.demo_dir)
     data_dir, common = glue_demo.demo_data(args.data_dir, demo_dir, args.smoke)
     teacher = demo_dir / "teacher"
-    base = args.base_model or (None if (teacher / REPORT).is_file() else minilm_path())
+    base = args.base_model or minilm_path()  # part of the teacher's inputs, as in `make demo`
     glue_demo.run_once(finetune, "teacher.yaml", teacher, [*common, "--model", str(base)])
     real = demo_dir / "student-distil-seed42"
     glue_demo.run_once(distill, "distil.yaml", real, [*common, "--teacher", str(teacher), "--seed", "42"])
@@ -133,10 +143,9 @@ def chat_prompt(tokenizer, instruction: str, prefill: str) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + prefill
 
 
-def synthetic_reviews(args, out: Path, teacher_dir: Path, generator, generator_tok) -> dict:
+def synthetic_reviews(values: dict, out: Path, teacher_dir: Path, generator, generator_tok) -> dict:
     """ZeroGen: generate, label, filter (resumable in the library), then export {sentence, label} rows."""
-    values = recipe_values("zerogen.yaml", SMOKE_ZEROGEN, args.smoke)
-    values |= {"num_candidates": args.candidates} if args.candidates else {}
+    values = dict(values)  # the caller's dict is the stage's recorded inputs
     instructions, prefill = values.pop("chat_instructions"), values.pop("chat_prefill")
     values["label_prompts"] = {
         label: [chat_prompt(generator_tok, text, prefill) for text in texts]
@@ -156,15 +165,23 @@ def synthetic_reviews(args, out: Path, teacher_dir: Path, generator, generator_t
 
 def sentiment_stage(args, out: Path, generator, generator_tok) -> dict:
     teacher, data_dir, real = glue_teacher(args)
+    values = recipe_values("zerogen.yaml", SMOKE_ZEROGEN, args.smoke)
+    values |= {"num_candidates": args.candidates} if args.candidates else {}
+    inputs = {"config": values, "teacher": content(teacher), "generator": content(args.generator)}
     synth = cached(
         out / "synthetic_reviews.json",
-        lambda: synthetic_reviews(args, out, teacher, generator, generator_tok),
+        inputs,
+        lambda: synthetic_reviews(values, out, teacher, generator, generator_tok),
+        clear=(out / "synthetic-reviews",),
     )
     init = out / "student-init"
-    if not (init / "config.json").is_file():  # the untrained student: what the synthetic data adds to it
+
+    def build_init(folder):  # the untrained student: what the synthetic data adds to it
         model = AutoModelForSequenceClassification.from_pretrained(teacher)
-        student_from_teacher(model, [0, 3]).save_pretrained(init)
-        AutoTokenizer.from_pretrained(teacher).save_pretrained(init)
+        student_from_teacher(model, [0, 3]).save_pretrained(folder)
+        AutoTokenizer.from_pretrained(teacher).save_pretrained(folder)
+
+    student_init(init, {"teacher": content(teacher), "layers": [0, 3]}, build_init)
     overrides = ["--teacher", str(teacher), "--train_file", str(out / "synthetic-reviews" / "train.jsonl")]
     overrides += ["--validation_file", str(data_dir / "validation.jsonl")] + (
         glue_demo.SMOKE if args.smoke else []
@@ -186,7 +203,9 @@ def sentiment_stage(args, out: Path, generator, generator_tok) -> dict:
         )
         return {"models": {name: results["models"][name] for name in checkpoints}}
 
-    result = cached(out / "sentiment.json", evaluate)
+    inputs = {name: content(path) for name, path in checkpoints.items()}
+    inputs |= {"validation": content(data_dir / "validation.jsonl"), "smoke": args.smoke}
+    result = cached(out / "sentiment.json", inputs, evaluate)
     models = result["models"]
     pct = 100 * models["student, synthetic only"]["score"] / models["teacher"]["score"]
     bar = {"what": "synthetic-only student >= 90% of the teacher's accuracy", "value": pct}
@@ -196,9 +215,7 @@ def sentiment_stage(args, out: Path, generator, generator_tok) -> dict:
 # ------------------------------------------------------------------------------------- 2. causal LM
 
 
-def teacher_samples(args, out: Path, model, tokenizer) -> dict:
-    values = recipe_values("sampling.yaml", SMOKE_SAMPLING, args.smoke)
-    values |= {"num_samples": args.samples} if args.samples else {}
+def teacher_samples(values: dict, out: Path, model, tokenizer) -> dict:
     config = SamplingConfig(output_dir=str(out / "teacher-samples"), **values)
     data = sample_teacher(model, tokenizer, config)
     rows = ({"text": tokenizer.decode(r["input_ids"], skip_special_tokens=True)} for r in data)
@@ -221,14 +238,26 @@ def heldout_texts(args) -> tuple[list[str], str]:
 
 
 def causal_stage(args, out: Path, model, tokenizer) -> dict:
-    samples = cached(out / "teacher_samples.json", lambda: teacher_samples(args, out, model, tokenizer))
+    generator = content(args.generator)
+    values = recipe_values("sampling.yaml", SMOKE_SAMPLING, args.smoke)
+    values |= {"num_samples": args.samples} if args.samples else {}
+    samples = cached(
+        out / "teacher_samples.json",
+        {"config": values, "generator": generator},
+        lambda: teacher_samples(values, out, model, tokenizer),
+        clear=(out / "teacher-samples",),
+    )
     init = out / "causal-init"
-    if not (init / "config.json").is_file():
-        # 6 evenly spaced layers, first and last included: dropping the last layer (every:5) leaves the final
-        # norm and head reading a representation they never saw (perplexity ~1e8 before training).
-        n = model.config.num_hidden_layers
-        student_from_teacher(model, sorted({round(i * (n - 1) / 5) for i in range(6)})).save_pretrained(init)
-        tokenizer.save_pretrained(init)
+    # 6 evenly spaced layers, first and last included: dropping the last layer (every:5) leaves the final
+    # norm and head reading a representation they never saw (perplexity ~1e8 before training).
+    n = model.config.num_hidden_layers
+    layers = sorted({round(i * (n - 1) / 5) for i in range(6)})
+
+    def build_init(folder):
+        student_from_teacher(model, layers).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    student_init(init, {"generator": generator, "layers": layers}, build_init)
     overrides = ["--teacher", args.generator, "--student", str(init)]
     overrides += ["--train_file", str(out / "teacher-samples" / "train.jsonl")]
     overrides += ["--max_steps", "2", "--max_train_samples", "8"] if args.smoke else []
@@ -251,7 +280,10 @@ def causal_stage(args, out: Path, model, tokenizer) -> dict:
         params = {name: sum(p.numel() for p in m.parameters()) for name, m in loaded.items()}
         return {"heldout": source, "perplexity": ppl, "decode_batch1": speed, "parameters": params}
 
-    result = cached(out / "causal.json", evaluate)
+    heldout = content(args.heldout_file) if args.heldout_file else f"nyt:{args.heldout_docs}"  # NYT: pinned
+    inputs = {"teacher": generator, "heldout": heldout, "smoke": args.smoke}
+    inputs |= {name: content(f) for name, f in {"student, untrained": init, **students}.items()}
+    result = cached(out / "causal.json", inputs, evaluate)
     kd, seq = (result["perplexity"][n]["perplexity"] for n in students)
     speed = result["decode_batch1"]
     speedup = speed["student, logit KD"]["tokens_per_s"] / speed["teacher"]["tokens_per_s"]
@@ -272,7 +304,8 @@ def generation_stage(args, out: Path, model, tokenizer) -> dict:
         if args.smoke
         else {"batch_size": args.bench_batch, "new_tokens": 32, "baseline_sequences": 2}
     )
-    result = cached(out / "generation.json", lambda: benchmark_generation(model, tokenizer, **sizes))
+    inputs = {"model": content(args.generator), **sizes}
+    result = cached(out / "generation.json", inputs, lambda: benchmark_generation(model, tokenizer, **sizes))
     bar = {"what": "batched sampler >= 5x the tokens/s of batch-1 generate()", "value": result["speedup"]}
     return result | {"bar": bar | {"met": result["speedup"] >= BARS["generation"]}}
 

@@ -64,7 +64,7 @@ def train_and_dump(
         save_file(
             {k: v.contiguous() for k, v in student.state_dict().items()}, f"{out_dir}/student.safetensors"
         )
-        save_file(dict(trainer.projectors.state_dict()), f"{out_dir}/projectors.safetensors")
+        save_file(dict(trainer.auxiliary_modules.state_dict()), f"{out_dir}/projectors.safetensors")
         with open(f"{out_dir}/world_size.txt", "w") as handle:
             handle.write(str(trainer.args.world_size))
     return trainer

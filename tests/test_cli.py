@@ -13,10 +13,10 @@ import yaml
 from conftest import BertForSequenceClassification, bert_config, make_tokenizer, seeded, sentences
 from transformers import AutoModelForSequenceClassification
 
+from llmkd import DistillationConfig
 from llmkd.cli import main
 from llmkd.cli.pipeline import distill
 from llmkd.cli.recipe import FINETUNE, RunConfig, load_config, load_stages, parse_overrides
-from llmkd.config import DistillationConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -42,7 +42,7 @@ def config(**kw):
         ({"terms": [{"knowledge": "logits", "loss": "jsd", "beta": 1.0}]}, "forward_kl"),
         (
             {"terms": [{"knowledge": "logits", "loss": "forward_kl", "bta": 0.5}]},
-            "rejects parameters {'bta': 0.5}",
+            "the logits loss 'forward_kl' takes no ['bta']; valid keys",
         ),
         ({"terms": [{"knowledge": "hidden", "loss": "mse", "layer_map": "every"}]}, "layer_map must be"),
         ({"terms": [], "hard_label_weight": 0.0}, "nothing to train on"),

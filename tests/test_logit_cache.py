@@ -25,17 +25,13 @@ from safetensors.torch import load_file
 from test_trainer import make_trainer
 
 from llmkd import DistillationConfig, DistillationTrainer
-from llmkd.logit_cache import (
-    CachedDistillationTrainer,
-    CachedTeacher,
-    CacheMismatchError,
-    bucketed_logit_loss,
-    cached_trainer_kwargs,
-    topk_targets,
-    write_cache,
-)
 from llmkd.losses import LOSSES
+from llmkd.losses.bucketed import bucketed_logit_loss
 from llmkd.teachers.cached import writer as W
+from llmkd.teachers.cached.binding import cached_trainer_kwargs
+from llmkd.teachers.cached.fingerprint import CacheMismatchError
+from llmkd.teachers.cached.reader import CachedTeacher
+from llmkd.teachers.cached.writer import topk_targets, write_cache
 
 V = 62  # conftest's vocabulary
 PARAMS = {"forward_kl": {}, "reverse_kl": {}, "jsd": {"beta": 0.3}, "skew_kl": {"alpha": 0.1}, "tvd": {}}
@@ -106,7 +102,7 @@ def test_bucket_loss_is_finite_for_masked_logits_and_refuses_raw_logit_losses():
 
 def test_student_buckets_gradient_is_exact():
     """The hand-written backward against finite differences in float64, masked logits and k = V included."""
-    from llmkd.logit_cache import student_buckets
+    from llmkd.losses.bucketed import student_buckets
 
     g = torch.Generator().manual_seed(1)
     z = torch.randn(2, 3, 9, generator=g, dtype=torch.float64)
@@ -174,7 +170,7 @@ def cached_trainer(path, student, tmp_path, data=None, terms=None, **overrides):
         tmp_path,
         terms,
         train=kwargs["train_dataset"],
-        trainer_cls=CachedDistillationTrainer,
+        trainer_cls=DistillationTrainer,
         **overrides,
     )
 
@@ -234,14 +230,17 @@ def test_classifier_cache_gives_the_live_teacher_training(tmp_path):
     kwargs = cached_trainer_kwargs(path, args=args, train_dataset=data, processing_class=tok)
     cached_run = make_trainer(
         kwargs["teacher"], copy.deepcopy(student), "cls", tmp_path / "c", terms, train=kwargs["train_dataset"],
-        trainer_cls=CachedDistillationTrainer, **STEP,
+        trainer_cls=DistillationTrainer, **STEP,
     )  # fmt: skip
     assert max_gap(live, trained(cached_run)) < 1e-5
-    with pytest.raises(ValueError, match="hidden states or attention"):
+    with pytest.raises(
+        ValueError,
+        match=r"need the teacher's \['hidden_states'\], which this teacher source \(CachedTeacher\) does not provide",
+    ):
         make_trainer(
             kwargs["teacher"], copy.deepcopy(student), "cls", tmp_path / "h",
             [*terms, {"knowledge": "hidden", "loss": "mse"}], train=kwargs["train_dataset"],
-            trainer_cls=CachedDistillationTrainer,
+            trainer_cls=DistillationTrainer,
         )  # fmt: skip
 
 
@@ -276,7 +275,7 @@ def test_refuses_a_truncated_shard_and_a_batch_with_other_ids(tmp_path):
     student = seeded(LlamaForCausalLM, llama_config(layers=2, hidden=16), 1)
     trainer = make_trainer(
         kwargs["teacher"], student, "lm", tmp_path, [{"knowledge": "logits", "loss": "forward_kl"}],
-        train=shuffled, trainer_cls=CachedDistillationTrainer, temperature=2.0, max_steps=1, per_device_train_batch_size=8,
+        train=shuffled, trainer_cls=DistillationTrainer, temperature=2.0, max_steps=1, per_device_train_batch_size=8,
     )  # fmt: skip
     with pytest.raises(CacheMismatchError, match=r"cache_index 1\) has .* differ"):
         trainer.train()
@@ -360,7 +359,7 @@ def test_recipe_cache_then_training_never_loads_the_teacher(tmp_path, monkeypatc
     student = seeded(LlamaForCausalLM, llama_config(layers=1), 3)
     from transformers import DataCollatorForLanguageModeling
 
-    trainer = CachedDistillationTrainer(
+    trainer = DistillationTrainer(
         model=student,
         data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
         processing_class=tok,
@@ -372,5 +371,5 @@ def test_recipe_cache_then_training_never_loads_the_teacher(tmp_path, monkeypatc
     assert 0 <= metrics["eval_agreement"] <= 1 and metrics["eval_distill/logits_forward_kl"] > 0
     with pytest.raises(AssertionError, match="loaded the teacher"):  # the guard does bite
         LlamaForCausalLM.from_pretrained(teacher_dir)
-    assert isinstance(trainer.teacher, CachedTeacher) and not list(trainer.teacher.parameters())
+    assert isinstance(trainer.teacher, CachedTeacher) and trainer.source.model is None  # no weights at all
     assert DistillationTrainer in type(trainer).__mro__

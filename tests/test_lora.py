@@ -32,7 +32,7 @@ def snapshot(model):
 
 
 def changed(before, model):
-    return {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
+    return {n for n, p in model.named_parameters() if n in before and not torch.equal(before[n], p.detach())}
 
 
 def probe(task):
@@ -54,7 +54,7 @@ def test_only_adapters_change_and_the_saved_adapter_reloads(task, knowledge, tmp
     trainer = make_trainer(
         teacher, student, task, tmp_path, TERMS[knowledge], save_strategy="steps", save_steps=2
     )
-    projector_before = {n: p.detach().clone() for n, p in trainer.projectors.named_parameters()}
+    projector_before = {n: p.detach().clone() for n, p in trainer.auxiliary_modules.named_parameters()}
     trainer.train()
     moved = changed(before, student)
     # Base weights bit-identical; adapters (and a classifier's head copy) moved.
@@ -62,7 +62,10 @@ def test_only_adapters_change_and_the_saved_adapter_reloads(task, knowledge, tmp
     assert any("lora_B" in n for n in moved)  # B starts at zero: a changed B means gradients reached it
     if task == "cls":
         assert any("modules_to_save" in n and "classifier" in n for n in moved)
-    for name, p in trainer.projectors.named_parameters():  # width 16 vs 32: hidden terms learn a projector
+    for (
+        name,
+        p,
+    ) in trainer.auxiliary_modules.named_parameters():  # width 16 vs 32: hidden terms learn a projector
         assert not torch.equal(projector_before[name], p.detach())
     trainer.save_model()
     out = tmp_path / "out"

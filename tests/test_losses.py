@@ -84,7 +84,8 @@ def rkd_distance_ref(s: np.ndarray, t: np.ndarray) -> float:
     pairs = [(i, j) for i in range(len(s)) for j in range(len(s)) if i != j]
     ds = np.array([np.linalg.norm(s[i] - s[j]) for i, j in pairs])
     dt = np.array([np.linalg.norm(t[i] - t[j]) for i, j in pairs])
-    return float(np.mean([huber(a - b) for a, b in zip(ds / ds.mean(), dt / dt.mean(), strict=True)]))
+    # The N diagonal pairs (0 on both sides) count in the divisor, as in the authors' code (lenscloth/RKD).
+    return float(sum(huber(a - b) for a, b in zip(ds / ds.mean(), dt / dt.mean(), strict=True)) / len(s) ** 2)
 
 
 def rkd_angle_ref(s: np.ndarray, t: np.ndarray) -> float:
@@ -105,14 +106,16 @@ def sp_ref(s: np.ndarray, t: np.ndarray) -> float:
     return float(((gram(t) - gram(s)) ** 2).sum() / len(s) ** 2)
 
 
-def pkt_ref(s: np.ndarray, t: np.ndarray) -> float:
+def pkt_ref(s: np.ndarray, t: np.ndarray, eps: float = 1e-7) -> float:
+    # eps as in the authors' code (passalis/probabilistic_kt): x / (‖x‖ + eps), log((p_T + eps) / (p_S + eps)).
     def conditionals(x):
         n = len(x)
-        k = np.array([[(unit(x[i]) @ unit(x[j]) + 1) / 2 for j in range(n)] for i in range(n)])
+        u = [x[i] / (np.linalg.norm(x[i]) + eps) for i in range(n)]
+        k = np.array([[(u[i] @ u[j] + 1) / 2 for j in range(n)] for i in range(n)])
         return k / k.sum(1, keepdims=True)
 
     ps, pt = conditionals(s), conditionals(t)
-    return float(np.mean(pt * np.log(pt / ps)))
+    return float(np.mean(pt * np.log((pt + eps) / (ps + eps))))
 
 
 def attention_kl_ref(s: np.ndarray, t: np.ndarray) -> np.ndarray:

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 from conftest import BertForSequenceClassification, LlamaForCausalLM, bert_config, llama_config, seeded
 
-from llmkd.alignment import resolve_layer_map
-from llmkd.students.from_teacher import select_layers, student_from_config, student_from_teacher
+from llmkd.knowledge.layer_maps import resolve as resolve_layer_map
+from llmkd.students.from_teacher import (
+    select_config_layers,
+    select_layers,
+    student_from_config,
+    student_from_teacher,
+)
 
 
 @pytest.mark.parametrize(
@@ -72,3 +78,42 @@ def test_uniform_layer_maps_follow_tinybert():
     assert resolve_layer_map("last", 6, 12, "hidden") == [(6, 12)]
     assert resolve_layer_map("last", 6, 12, "attention") == [(5, 11)]
     assert resolve_layer_map([[0, 0], [2, 7]], 2, 12, "hidden") == [(0, 0), (2, 7)]
+
+
+def _tiny(config_cls, model_cls, layers=4, **kw):
+    config = getattr(transformers, config_cls)(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=64,
+        **kw,
+    )
+    torch.manual_seed(0)
+    return getattr(transformers, model_cls)(config)
+
+
+def test_student_from_config_keeps_per_layer_lists_consistent():
+    teacher = _tiny("Gemma2Config", "Gemma2ForCausalLM", num_key_value_heads=2, head_dim=8)
+    types = teacher.config.layer_types
+    assert types[0] != types[1]  # control: alternating, so a wrong cut would be visible
+    student = student_from_config(teacher, {"num_hidden_layers": 2})
+    assert student.config.layer_types == types[:2] and len(student.model.layers) == 2
+    with pytest.raises(ValueError, match=r"deeper than the teacher's 4 layers.*layer_types"):
+        student_from_config(teacher, {"num_hidden_layers": 6})
+    deeper = student_from_config(teacher, {"num_hidden_layers": 6, "layer_types": ["full_attention"] * 6})
+    assert deeper.config.layer_types == ["full_attention"] * 6
+
+
+def test_student_from_config_understands_layer_count_aliases():
+    teacher = _tiny("GPT2Config", "GPT2LMHeadModel")
+    student = student_from_config(teacher, {"n_layer": 2})
+    assert student.config.num_hidden_layers == 2 and len(student.transformer.h) == 2
+
+
+def test_per_layer_overrides_move_with_their_layer():
+    overrides = {1: {"intermediate_size": 48}, 3: {"intermediate_size": 40}}
+    config = transformers.LlamaConfig(num_hidden_layers=4, intermediate_size=64, per_layer_config=overrides)
+    select_config_layers(config, [1, 2])  # teacher layer 1 (48) then layer 2 (the global 64)
+    assert [c.intermediate_size for c in config.per_layer_config] == [48, 64]
+    assert config.to_dict()["per_layer_config"] == {"0": {"intermediate_size": 48}}

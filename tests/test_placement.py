@@ -6,7 +6,7 @@ import torch
 from conftest import BertForSequenceClassification, bert_config, seeded
 from test_trainer import TERMS, make_trainer
 
-from llmkd.placement import zero3_inference_config
+from llmkd.teachers.live import zero3_inference_config
 
 
 def test_zero3_inference_config_keeps_sharding_and_drops_training_parts():

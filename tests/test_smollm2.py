@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import pytest
 
@@ -16,10 +17,15 @@ def test_missing_package_names_the_pip_command(monkeypatch):
 
 
 def test_an_existing_checkpoint_is_reused_without_converting(tmp_path, monkeypatch):
+    source = tmp_path / "pkg"  # the checkpoint records the GGUF it came from: reuse needs the same one
+    source.mkdir()
+    (source / smollm2.GGUF_FILE).write_bytes(b"gguf")
+    monkeypatch.setattr(smollm2, "_gguf_dir", lambda: source)
     target = tmp_path / "llmkd" / smollm2.CHECKPOINT
     target.mkdir(parents=True)
     (target / "config.json").write_text("{}")
     (target / "model.safetensors").write_bytes(b"")
+    (target / smollm2.SOURCE_RECORD).write_text(json.dumps(smollm2.conversion_inputs(source)))
     monkeypatch.setattr(smollm2, "gguf_dir", lambda install=True: pytest.fail("must not convert again"))
     assert smollm2.smollm2_path(tmp_path) == str(target)
 

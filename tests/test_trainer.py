@@ -113,8 +113,8 @@ def test_saved_student_is_a_plain_checkpoint(task, bert_pair, llama_pair, tmp_pa
         assert reloaded.config.num_hidden_layers == 2
     assert not any(name.startswith("llmkd") for name in reloaded.state_dict())
     # the projector (student width 16, teacher 32) is kept beside the checkpoint, not in the final student
-    assert (tmp_path / "out" / "checkpoint-2" / "llmkd_projectors.safetensors").is_file()
-    assert not (tmp_path / "out" / "llmkd_projectors.safetensors").exists()
+    assert (tmp_path / "out" / "checkpoint-2" / "llmkd_aux.safetensors").is_file()
+    assert not (tmp_path / "out" / "llmkd_aux.safetensors").exists()
 
 
 def test_evaluation_reports_terms_and_agreement(bert_pair, tmp_path):

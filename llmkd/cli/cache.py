@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 from transformers import AutoTokenizer
 
 from llmkd.cli.recipe import RunConfig, load_stages
-from llmkd.config import DistillationConfig
-from llmkd.logit_cache.trainer import named_splits
 from llmkd.modeling import SEQ_CLS
-from llmkd.placement import DTYPES
+from llmkd.schemes.config import DistillationConfig
+from llmkd.teachers.cached.binding import named_splits
 from llmkd.teachers.cached.fingerprint import teacher_key
 from llmkd.teachers.cached.writer import VALUE_DTYPES, write_cache
+from llmkd.teachers.live import DTYPES
 
 logger = logging.getLogger(__name__)
 

@@ -12,15 +12,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trai
 
 from llmkd.atomic import write_json
 from llmkd.cli.recipe import FINETUNE, load_config, load_stages, trainer_classes
-from llmkd.cross_tokenizer import tokenize_pairs
 from llmkd.data import glue
-from llmkd.data.loading import (
-    PromptCompletionCollator,
-    collator_for,
-    load_raw,
-    tokenize,
-    tokenize_prompt_completion,
-)
+from llmkd.data.collate import DistillationCollator
+from llmkd.data.loading import load_raw, tokenize, tokenize_pairs, tokenize_prompt_completion
 from llmkd.evaluation.metrics import make_compute_metrics
 from llmkd.modeling import CAUSAL_LM, SEQ_CLS
 from llmkd.students.from_teacher import describe, student_from_config, student_from_teacher
@@ -177,7 +171,7 @@ def _encode(run, data, task: str, tokenizers, columns, names):
 def collator_of(run, task: str, tokenizer):
     if prompt_column(run) and task != CAUSAL_LM:
         raise ValueError(f"prompt_column is for causal LMs (prompt/completion data); this is a {task} run")
-    return PromptCompletionCollator(tokenizer) if prompt_column(run) else collator_for(task, tokenizer)
+    return DistillationCollator(tokenizer, causal_lm=task == CAUSAL_LM)
 
 
 def metrics_for(run, task: str, model_config):
@@ -229,7 +223,9 @@ def distill_stage(run, args) -> dict:
 
 def distill_from_cache(run, args) -> dict:
     """Distillation from `llmkd cache-teacher`'s folder: the teacher is loaded only to build a student from it."""
-    from llmkd.logit_cache import CachedDistillationTrainer, CachedTeacher, cached_trainer_kwargs
+    from llmkd.schemes import DistillationTrainer
+    from llmkd.teachers.cached.binding import cached_trainer_kwargs
+    from llmkd.teachers.cached.reader import CachedTeacher
 
     if run.trainer != "distill":
         raise ValueError(
@@ -249,7 +245,7 @@ def distill_from_cache(run, args) -> dict:
     kwargs = cached_trainer_kwargs(
         cached, args=args, train_dataset=train, eval_dataset=evaluation, processing_class=student_tok, run=run
     )
-    trainer = CachedDistillationTrainer(
+    trainer = DistillationTrainer(
         model=student,
         data_collator=collator_of(run, task, student_tok),
         processing_class=student_tok,
@@ -287,7 +283,7 @@ def finetune(config_path: str, overrides: list[str] = ()) -> dict:
         args=args,
         train_dataset=train,
         eval_dataset=evaluation,
-        data_collator=collator_for(SEQ_CLS, tokenizer),
+        data_collator=DistillationCollator(tokenizer),
         processing_class=tokenizer,
         compute_metrics=metrics_for(run, SEQ_CLS, model.config),
     )

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 import yaml
 from transformers import TrainingArguments
 
-from llmkd.config import DistillationConfig
 from llmkd.data.glue import GLUE_TASKS
 from llmkd.modeling import CAUSAL_LM, SEQ_CLS
+from llmkd.schemes.config import DistillationConfig
 
 NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
@@ -117,8 +117,7 @@ class RunConfig(DataConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.trainer not in TRAINERS:
-            raise ValueError(f"trainer={self.trainer!r}: choose one of {sorted(TRAINERS)}")
+        trainer_classes(self.trainer)  # a ValueError lists the schemes
         self._check_student_options()
         if self.student_dtype not in ("float32", "auto"):
             raise ValueError(f"student_dtype must be float32 or auto, got {self.student_dtype!r}")
@@ -269,24 +268,11 @@ def load_stages(
     return out
 
 
-# trainer name -> ("module:Trainer", "module:Config"): one place to add a trainer; imported when chosen.
-TRAINERS = {
-    "distill": ("llmkd.trainer:DistillationTrainer", "llmkd.config:DistillationConfig"),
-    "on_policy": ("llmkd.onpolicy:OnPolicyTrainer", "llmkd.onpolicy:OnPolicyConfig"),
-    "cross_tokenizer": (
-        "llmkd.cross_tokenizer:CrossTokenizerTrainer",
-        "llmkd.cross_tokenizer:CrossTokenizerConfig",
-    ),
-}
-
-
 def trainer_classes(name: str) -> tuple[type, type]:
-    """(trainer class, its config dataclass) for a recipe's `trainer:` key."""
-    import importlib
+    """(trainer class, its config dataclass) for a recipe's `trainer:` key (llmkd.schemes.SCHEMES)."""
+    from llmkd.schemes import scheme  # imports transformers' Trainer: only once a recipe is read
 
-    if name not in TRAINERS:
-        raise ValueError(f"trainer={name!r}: choose one of {sorted(TRAINERS)}")
-    return tuple(getattr(importlib.import_module(m), c) for m, c in (x.split(":") for x in TRAINERS[name]))
+    return scheme(name)
 
 
 SMOKE = {

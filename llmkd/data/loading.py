@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
 
-import torch
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
-from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding
 
 from llmkd.modeling import CAUSAL_LM
 
@@ -94,14 +90,6 @@ def label_id(value, label_names):
     return label_names.index(value)
 
 
-def collator_for(task: str, tokenizer):
-    if task == CAUSAL_LM:
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        return DataCollatorForLanguageModeling(tokenizer, mlm=False)
-    return DataCollatorWithPadding(tokenizer)
-
-
 # ---- prompt/completion data (on-policy distillation, sequence-level KD) ---------------------------------------
 
 PROMPT_LENGTH = "prompt_length"
@@ -180,43 +168,61 @@ def _chat_pairs(conversations, tokenizer):
         yield prompt, full[len(prompt) :]
 
 
-def pad_prompt_completion(rows, pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict:
-    """Right-pads `input_ids` (with pad_token_id), `attention_mask` (0) and `labels` (-100) into tensors.
-
-    Right padding keeps a row's positions 0..n-1 however the batch is composed, so a model without explicit
-    position ids sees the same sequence in any batch. `prompt_length` passes through when present."""
-    width = max(len(r["input_ids"]) for r in rows)
-    if pad_to_multiple_of:
-        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
-    batch = {
-        "input_ids": torch.full((len(rows), width), pad_token_id, dtype=torch.long),
-        "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
-        "labels": torch.full((len(rows), width), -100, dtype=torch.long),
-    }
-    for i, row in enumerate(rows):
-        n = len(row["input_ids"])
-        batch["input_ids"][i, :n] = torch.as_tensor(row["input_ids"])
-        batch["attention_mask"][i, :n] = 1
-        batch["labels"][i, :n] = torch.as_tensor(row["labels"])
-    if all(PROMPT_LENGTH in r for r in rows):
-        batch[PROMPT_LENGTH] = torch.tensor([int(r[PROMPT_LENGTH]) for r in rows], dtype=torch.long)
-    return batch
+# ---- one example, two tokenizers (cross-tokenizer distillation) ---------------------------------------------
 
 
-@dataclass
-class PromptCompletionCollator:
-    """Batches rows of `tokenize_prompt_completion` (see `pad_prompt_completion`)."""
+def encode_example(tokenizer, prompt: str | None, completion: str, max_length: int, add_eos: bool):
+    """(input_ids, labels) of one example: the prompt (with the tokenizer's special tokens) is not supervised.
 
-    tokenizer: Any
-    pad_to_multiple_of: int | None = None
+    Without a prompt the whole text is supervised. The two parts are tokenised separately so that the prompt
+    boundary is exact on both sides; put the separating space at the start of the completion.
+    """
+    if prompt is None:
+        ids, start = tokenizer(completion)["input_ids"], 0
+    else:
+        ids = tokenizer(prompt)["input_ids"]
+        start = len(ids)
+        ids = ids + tokenizer(completion, add_special_tokens=False)["input_ids"]
+    if add_eos and tokenizer.eos_token_id is not None:
+        ids = ids + [tokenizer.eos_token_id]
+    ids = ids[:max_length]
+    return ids, [-100] * min(start, len(ids)) + ids[start:]
 
-    def __call__(self, features) -> dict:
-        return pad_prompt_completion(features, padding_id(self.tokenizer), self.pad_to_multiple_of)
 
+def tokenize_pairs(
+    dataset,
+    tokenizer,
+    teacher_tokenizer,
+    *,
+    text_column: str = "text",
+    prompt_column: str | None = None,
+    completion_column: str | None = None,
+    max_length: int = 128,
+    add_eos: bool = True,
+):
+    """Tokenises every row with both tokenizers: input_ids/attention_mask/labels and the teacher_* columns.
 
-def padding_id(tokenizer) -> int:
-    """Any id works for padding (it is masked): the tokenizer's pad, else its EOS, else 0."""
-    for value in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
-        if value is not None:
-            return int(value)
-    return 0
+    Prompt/completion data (``prompt_column`` and ``completion_column``): only completion tokens are targets.
+    Plain text (``text_column``): every token after the first is a target; both tokenizers should then add a
+    BOS token (or neither), else the first target of one side is the second word of the other.
+    """
+    if (prompt_column is None) != (completion_column is None):
+        raise ValueError("set both prompt_column and completion_column, or neither (plain text_column)")
+    columns = [prompt_column, completion_column] if prompt_column else [text_column]
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"columns {missing} are not in the data, which has {dataset.column_names}")
+
+    def encode(batch):
+        prompts = batch[prompt_column] if prompt_column else [None] * len(batch[columns[-1]])
+        out = {}
+        for prefix, tok in (("", tokenizer), ("teacher_", teacher_tokenizer)):
+            pairs = [
+                encode_example(tok, p, c, max_length, add_eos) for p, c in zip(prompts, batch[columns[-1]])
+            ]
+            out[f"{prefix}input_ids"] = [ids for ids, _ in pairs]
+            out[f"{prefix}attention_mask"] = [[1] * len(ids) for ids, _ in pairs]
+            out[f"{prefix}labels"] = [labels for _, labels in pairs]
+        return out
+
+    return dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc="tokenising twice")

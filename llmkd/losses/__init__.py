@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llmkd.losses.common import masked_mean
+from llmkd.losses.cross_vocab import uld_loss
 from llmkd.losses.feature import (
     ATTENTION_LOSSES,
     HIDDEN_LOSSES,
@@ -69,8 +70,12 @@ class Loss:
 
 
 def _entry(fn: Callable[..., Tensor], soft_target: bool = False) -> Loss:
+    # temperature and key_mask are data the trainer passes on every call, not settings a term may choose.
+    passed_by_trainer = {"temperature", "key_mask"}
     signature = inspect.signature(fn).parameters.values()
-    params = frozenset(p.name for p in signature if p.kind == p.KEYWORD_ONLY and p.name != "temperature")
+    params = frozenset(
+        p.name for p in signature if p.kind == p.KEYWORD_ONLY and p.name not in passed_by_trainer
+    )
     return Loss(fn, soft_target, params)
 
 
@@ -79,6 +84,7 @@ LOSSES: dict[str, dict[str, Loss]] = {
     "hidden": {name: _entry(fn) for name, fn in HIDDEN_LOSSES.items()},
     "attention": {name: _entry(fn) for name, fn in ATTENTION_LOSSES.items()},
     "relation": {name: _entry(fn) for name, fn in RELATION_LOSSES.items()},
+    "cross_vocab": {"uld": _entry(uld_loss)},
 }
 
 SOFT_TARGET_LOSSES: frozenset[str] = frozenset(n for n, loss in LOSSES["logits"].items() if loss.soft_target)

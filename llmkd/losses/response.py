@@ -5,6 +5,14 @@ the log of the smallest normal number of the compute dtype (-87.3 in float32). T
 contribute nothing, and a token the teacher supports but the student masks costs a large but finite
 p_T·(log p_T + 87.3) with no gradient into the masked logit. A position whose logits are all ``-inf`` on
 either side has no distribution: its loss is 0 and so is its gradient. Every function maps (..., V) -> (...).
+
+Reduction: the sum over V happens here; the trainer averages the per-position values over the supervised
+positions of the accumulation window (labels != -100), which is the "batchmean over label tokens" of the
+authors' code cited in each docstring (tests/test_losses_reference.py re-implements that code in float64).
+The T² of Hinton et al. is not applied here: ``LOSSES["logits"][name].soft_target`` tells the trainer to
+multiply by it. DistiLLM's code drops vocabulary entries that are ±inf on either side (``inf_mask``); where
+only one side is -inf, ours charges the floor above instead: the two agree unless an entry is -inf on one side
+only.
 """
 
 from __future__ import annotations
@@ -74,7 +82,12 @@ def _check_alpha(alpha: float) -> None:
 def forward_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0) -> Tensor:
     """KL(p_T ‖ p_S) = Σ_v p_T (log p_T − log p_S), p = softmax(z / T); (..., V) -> (...). Mode covering.
 
-    Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a Neural Network", arXiv 1503.02531.
+    Reduction: the sum over V. Times T² (applied by the trainer) and averaged over the selected positions it
+    equals DistilBERT's loss_ce (huggingface/transformers examples/research_projects/distillation/
+    distiller.py: nn.KLDivLoss(reduction="batchmean") on the masked-selected rows, × T²). DistiLLM's
+    forward_kl (jongwooko/distillm distillm/losses.py) returns the cross-entropy −Σ p_T log p_S = this +
+    H(p_T): same gradient, a value larger by the teacher entropy (``soft_ce`` is that form). Hinton, Vinyals &
+    Dean 2015, "Distilling the Knowledge in a Neural Network", arXiv 1503.02531.
     """
     return _response(lambda log_ps, log_pt: _kl(log_pt, log_ps), student_logits, teacher_logits, temperature)
 
@@ -82,8 +95,12 @@ def forward_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: f
 def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0) -> Tensor:
     """KL(p_S ‖ p_T) = Σ_v p_S (log p_S − log p_T); (..., V) -> (...). Mode seeking.
 
-    As used by MiniLLM: Gu, Dong, Wei & Huang 2024, "MiniLLM: Knowledge Distillation of Large Language
-    Models", arXiv 2306.08543.
+    Reduction: the sum over V; averaged over label tokens by the trainer it equals the token-level reverse_kl
+    of jongwooko/distillm distillm/losses.py (−Σ p_S log p_T + Σ p_S log p_S, mean over labels != -100).
+    MiniLLM's single-step term (microsoft/LMOps minillm/minillm/losses.py _reg_loss: cross-entropy minus
+    student entropy, Σ·mask / Σ mask) is this averaged over response tokens; its main objective is the policy
+    gradient of the sequence-level reverse KL, a different estimator. Gu, Dong, Wei & Huang 2024, "MiniLLM:
+    Knowledge Distillation of Large Language Models", arXiv 2306.08543.
     """
     return _response(lambda log_ps, log_pt: _kl(log_ps, log_pt), student_logits, teacher_logits, temperature)
 
@@ -93,7 +110,12 @@ def jsd(
 ) -> Tensor:
     """Generalised JSD: β·KL(p_T ‖ m) + (1 − β)·KL(p_S ‖ m), m = β·p_T + (1 − β)·p_S; (..., V) -> (...).
 
-    Bounded by the binary entropy H(β). Agarwal et al. 2024, "On-Policy Distillation of Language Models:
+    Bounded by the binary entropy H(β). Reduction: the sum over V; averaged over label tokens it equals TRL's
+    GKDTrainer.generalized_jsd_loss(beta=β, reduction="batchmean") (huggingface/trl
+    trl/trainer/gkd_trainer.py, the logsumexp mixture: same β convention, β weighting the teacher in m). TRL
+    maps β = 0 to forward KL and β = 1 to reverse KL; here those ends are refused and name ``forward_kl`` /
+    ``reverse_kl``, which are what TRL computes there. Early TRL (before the logsumexp mixture) mixed
+    log-probabilities instead: not this. Agarwal et al. 2024, "On-Policy Distillation of Language Models:
     Learning from Self-Generated Mistakes" (GKD), arXiv 2306.13649.
     """
     if not 0 < beta < 1:
@@ -114,8 +136,11 @@ def skew_kl(
 ) -> Tensor:
     """Skew KL: KL(p_T ‖ α·p_T + (1 − α)·p_S); α = 0 is forward KL; (..., V) -> (...).
 
-    Ko, Kim, Chen & Yun 2024, "DistiLLM: Towards Streamlined Distillation for Large Language Models",
-    arXiv 2402.03898.
+    Reduction: the sum over V. The authors' skewed_forward_kl (jongwooko/distillm distillm/losses.py, lam = α,
+    same convention) returns the cross-entropy form −Σ p_T log(α·p_T + (1 − α)·p_S), mean over label tokens:
+    that is this + H(p_T), the teacher entropy, so the gradient with respect to the student is the same and
+    the value is larger by H(p_T) (it does not go to 0 when the student matches). Ko, Kim, Chen & Yun 2024,
+    "DistiLLM: Towards Streamlined Distillation for Large Language Models", arXiv 2402.03898.
     """
     _check_alpha(alpha)
     return _response(
@@ -131,7 +156,9 @@ def skew_reverse_kl(
 ) -> Tensor:
     """Skew reverse KL: KL(p_S ‖ α·p_S + (1 − α)·p_T); α = 0 is reverse KL; (..., V) -> (...).
 
-    Ko et al. 2024 (DistiLLM), arXiv 2402.03898.
+    Reduction: the sum over V; averaged over label tokens it equals the authors' skewed_reverse_kl
+    (jongwooko/distillm distillm/losses.py: mixed = (1 − lam)·p_T + lam·p_S, lam = α, and the student entropy
+    subtracted, so a true KL). Ko et al. 2024 (DistiLLM), arXiv 2402.03898.
     """
     _check_alpha(alpha)
     return _response(
@@ -145,8 +172,9 @@ def skew_reverse_kl(
 def tvd(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0) -> Tensor:
     """Total variation distance ½·Σ_v |p_T − p_S|, in [0, 1]; (..., V) -> (...).
 
-    As a distillation loss: Wen, Li, Du & Mou 2023, "f-Divergence Minimization for Sequence-Level
-    Knowledge Distillation", arXiv 2307.15190.
+    Reduction: the sum over V; averaged over label tokens it equals tv_distance of jongwooko/distillm
+    distillm/losses.py. As a distillation loss: Wen, Li, Du & Mou 2023, "f-Divergence Minimization for
+    Sequence-Level Knowledge Distillation", arXiv 2307.15190.
     """
     return _response(
         lambda log_ps, log_pt: 0.5 * (log_pt.exp() - log_ps.exp()).abs().sum(-1),
@@ -159,7 +187,10 @@ def tvd(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 
 def soft_ce(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0) -> Tensor:
     """Soft cross-entropy −Σ_v p_T log p_S = KL(p_T ‖ p_S) + H(p_T); (..., V) -> (...).
 
-    Hinton, Vinyals & Dean 2015, arXiv 1503.02531 (same gradient as forward_kl, offset by H(p_T)).
+    Reduction: the sum over V. Same gradient as forward_kl, value offset by H(p_T). It is DistiLLM's
+    forward_kl (jongwooko/distillm distillm/losses.py) averaged over label tokens; TinyBERT's prediction-layer
+    soft_cross_entropy (huawei-noah/Pretrained-Language-Model TinyBERT/task_distill.py) takes .mean() over
+    examples AND classes, i.e. this / V. Hinton, Vinyals & Dean 2015, arXiv 1503.02531.
     """
     return _response(
         lambda log_ps, log_pt: -(log_pt.exp() * log_ps).sum(-1), student_logits, teacher_logits, temperature
@@ -170,7 +201,11 @@ def logit_mse(student_logits: Tensor, teacher_logits: Tensor, *, temperature: fl
     """mean_v (z_S/T − z_T/T)² over the entries finite on both sides; (..., V) -> (...).
 
     An entry that is ±inf/NaN on either side is left out of the sum and of the count (a row with no finite
-    pair gives 0). Logit matching: Ba & Caruana 2014, "Do Deep Nets Really Need to be Deep?", arXiv 1312.6184.
+    pair gives 0). Reduction: the mean over V (not the sum). Ba & Caruana's objective (1/2N)·Σ ‖z_S − z_T‖²
+    is V/2 × this averaged over examples (no released code); DistilBERT's loss_mse (huggingface/transformers
+    examples/research_projects/distillation/distiller.py: MSELoss(reduction="sum") / selected rows, no T) is
+    V × this at T = 1. Logit matching: Ba & Caruana 2014, "Do Deep Nets Really Need to be Deep?", arXiv
+    1312.6184.
     """
     _check_temperature(temperature)
     zs, zt = upcast(student_logits, teacher_logits)

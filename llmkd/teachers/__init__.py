@@ -1,1 +1,30 @@
-"""Teacher sources: where teacher outputs come from (a live frozen model, a logit cache, ...)."""
+"""Teacher sources (the extension point "where do teacher outputs come from"), listed in `TEACHERS`.
+
+- ``live``: a frozen transformers model (`LiveTeacher`), placed for the back-end (copy, FSDP shards, ZeRO-3);
+- ``cache``: a teacher-logit cache folder written by `llmkd cache-teacher` (`CachedTeacher`); no weights.
+
+`as_source` turns what a user passes as ``teacher=`` into a source. To add a source: a `TeacherSource` subclass
+in its own module and one entry here.
+"""
+
+from __future__ import annotations
+
+import os
+
+from llmkd.teachers.base import TeacherOutputs, TeacherSource, TopK
+from llmkd.teachers.cached.reader import CachedTeacher
+from llmkd.teachers.live import LiveTeacher
+
+TEACHERS: dict[str, type[TeacherSource]] = {"live": LiveTeacher, "cache": CachedTeacher}
+
+
+def as_source(teacher, input_prefix: str = "") -> TeacherSource:
+    """A `TeacherSource` from a source, a cache folder or a model (read through `input_prefix` columns)."""
+    if isinstance(teacher, TeacherSource):
+        return teacher
+    if isinstance(teacher, (str, os.PathLike)):
+        return CachedTeacher(teacher)  # a folder: a teacher cache (a model folder must be loaded first)
+    return LiveTeacher(teacher, input_prefix)
+
+
+__all__ = ["TEACHERS", "CachedTeacher", "LiveTeacher", "TeacherOutputs", "TeacherSource", "TopK", "as_source"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import shlex
@@ -31,6 +32,9 @@ from pathlib import Path
 import numpy as np
 
 from llmkd.atomic import atomic_write
+from llmkd.teachers.cached.fingerprint import code_key
+
+logger = logging.getLogger(__name__)
 
 VADER_PACKAGE = "vaderSentiment"
 VADER_VERSION = "3.3.2"
@@ -220,17 +224,35 @@ def _label_counts(rows: list[dict]) -> dict[str, int]:
     return {str(label): sum(row["label"] == label for row in rows) for label in (0, 1)}
 
 
+def build_inputs() -> dict:
+    """The code and library that turn the ground-truth rows into the split files, as recorded and compared on
+    reuse (the ground truth, seed and fraction are compared beside them): an edit to the label or split rule,
+    or a numpy whose Generator stream differs, rebuilds the files instead of serving ones it would not make."""
+    return {
+        "code_sha256": code_key(_parse_ground_truth, _binary_rows, _split, _jsonl),
+        "numpy_version": np.__version__,
+    }
+
+
 def _existing_provenance(out_dir: Path, seed: int, fraction: float, expected: str) -> dict | None:
-    """The saved provenance when it matches this request and the files it describes are intact."""
+    """The saved provenance when it was made from these inputs and the files it describes are intact."""
     try:
         provenance = json.loads((out_dir / PROVENANCE_FILE).read_text(encoding="utf-8"))
-        wanted = (FORMAT_VERSION, seed, fraction, expected)
-        found = (provenance["format_version"], provenance["seed"], provenance["validation_fraction"])
-        if (*found, provenance["sha256"]["ground_truth"]) != wanted:
-            return None
-        if any(_sha256_file(out_dir / name) != provenance["files"][name] for name in SPLIT_FILES):
-            return None
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError):
+        return None
+    try:
+        wanted = {"format_version": FORMAT_VERSION, "seed": seed, "validation_fraction": fraction}
+        wanted |= {"ground_truth": expected, **build_inputs()}
+        found = {key: provenance.get(key) for key in wanted} | {
+            "ground_truth": provenance["sha256"]["ground_truth"]
+        }
+        changed = sorted(key for key in wanted if found[key] != wanted[key])
+        if not changed and any(_sha256_file(out_dir / n) != provenance["files"][n] for n in SPLIT_FILES):
+            changed = ["the split files (modified since written)"]
+    except (OSError, KeyError, TypeError, AttributeError):
+        changed = ["an unreadable provenance.json"]
+    if changed:
+        logger.warning("rebuilding %s: %s differ from what it was made with", out_dir, ", ".join(changed))
         return None
     return provenance
 
@@ -263,7 +285,7 @@ def _provenance(
         "seed": seed,
         "validation_fraction": validation_fraction,
         "split_method": "stratified by label; per-label numpy.random.default_rng(seed).permutation",
-        "numpy_version": np.__version__,
+        **build_inputs(),
         "sizes": {name: len(split) for name, split in splits.items()},
         "labels": {name: _label_counts(split) for name, split in splits.items()},
         "files": files,
@@ -282,8 +304,8 @@ def prepare_rotten_tomatoes(
 
     Files: ``train.jsonl`` and ``validation.jsonl`` (columns ``idx`` = source ID, ``sentence``, ``label`` =
     1 if score > 0 else 0, ``score``; zero-score rows dropped; rows in source order) and ``provenance.json``,
-    written last. A re-run with the same seed, fraction and checksum whose files are intact returns the saved
-    provenance without reading the archive. ``sdist_path`` defaults to ``download_vader_sdist(cache_dir)``.
+    written last. A re-run with the same seed, fraction, checksum and `build_inputs` whose files are intact
+    returns the saved provenance without reading the archive; anything else rebuilds, with a log line. ``sdist_path`` defaults to ``download_vader_sdist(cache_dir)``.
     """
     _check_arguments(seed, validation_fraction)
     out_dir = Path(out_dir)

@@ -1,7 +1,8 @@
 """Resumable synthesis output: JSONL shards, progress.json, then an Arrow dataset and provenance.json.
 
 Layout of output_dir:
-  progress.json        the run's settings fingerprint and the shards written so far (rewritten atomically)
+  progress.json        the run's settings fingerprint, with a content hash of every model / tokenizer folder
+                       (`content_keyed`), and the shards written so far (rewritten atomically)
   shard-00000.jsonl    rows of sample indices [0, shard_size), shard-00001.jsonl the next range, ...
   dataset/             the final `datasets` dataset (`datasets.load_from_disk`)
   provenance.json      who generated it, how, with what budgets and filter statistics
@@ -34,6 +35,7 @@ from tqdm.auto import tqdm
 from llmkd import __version__
 from llmkd.atomic import write_json
 from llmkd.data.synthesis.common import SEEDING
+from llmkd.teachers.cached.fingerprint import content_keyed
 
 logger = logging.getLogger(__name__)
 PROGRESS = "progress.json"
@@ -84,8 +86,8 @@ def _check_fingerprint(output_dir: str, saved: dict, fingerprint: dict) -> None:
     if differing:
         details = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, a, b in differing)
         raise ValueError(
-            f"cannot resume into {output_dir}: its run used different settings ({details}). "
-            "Use the saved settings to resume, or a new output_dir"
+            f"cannot resume into {output_dir}: its run used different settings or model files ({details}). "
+            "Use the saved settings and models to resume, or a new output_dir"
         )
 
 
@@ -104,10 +106,11 @@ def _refuse_foreign(output_dir: str) -> None:
 
 
 def open_run(output_dir: str, fingerprint: dict) -> dict:
-    """The saved progress of output_dir, or a fresh one; refuses a folder written with other settings.
+    """The saved progress of output_dir, or a fresh one; refuses a folder written with other settings or from
+    other model / tokenizer files (`content_keyed`) — a finished dataset too, so it is never served stale.
 
     Under several processes: the merged progress.json once it is complete, else this rank's own record."""
-    fingerprint = json.loads(json.dumps(fingerprint, default=str))  # as it reads back
+    fingerprint = json.loads(json.dumps(content_keyed(fingerprint), default=str))  # as it reads back
     path = os.path.join(output_dir, PROGRESS)
     if _sharded(output_dir):
         return _open_rank(output_dir, fingerprint, path)
@@ -176,6 +179,7 @@ def run_shards(
     that does not fit ends the run (it is not truncated)."""
     if num_samples is None and max_total_tokens is None:
         raise ValueError("no budget: set num_samples, max_total_tokens or both")
+    fingerprint = content_keyed(fingerprint)  # once: the merge records it as open_run does
     if _sharded(output_dir):
         return _run_rank_shards(
             output_dir,
@@ -392,7 +396,13 @@ def save_dataset(output_dir: str, dataset, provenance: dict, progress: dict):
         dataset.save_to_disk(staging)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(staging, path)
+        content = {
+            k: v["content"]
+            for k, v in progress["fingerprint"].items()
+            if isinstance(v, dict) and "content" in v
+        }
         provenance = provenance | {"num_rows": len(dataset), "dataset_path": path, "world_size": world}
+        provenance["content_keys"] = content  # the model / tokenizer files the rows came from, by hash
         write_json(os.path.join(output_dir, PROVENANCE), provenance)
         progress["saved"] = True
         write_json(os.path.join(output_dir, PROGRESS), progress | {"updated_at": _now()})

@@ -1,47 +1,26 @@
-"""`CachedTeacher`: a teacher served from a cache folder — no weights, called like the model plus `cache_index`."""
+"""`CachedTeacher`: a teacher source served from a cache folder — no weights; rows found by `cache_index`."""
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 
 import torch
 from safetensors import safe_open
-from torch import nn
 from transformers import PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from llmkd import modeling as A
+from llmkd.teachers.base import TeacherOutputs, TeacherSource, TopK
 from llmkd.teachers.cached import fingerprint as F
 from llmkd.teachers.cached.writer import MANIFEST, _shard_meta
+
+CACHE_COLUMN = "cache_index"
 
 REPAIR = (
     "re-run `llmkd cache-teacher RECIPE.yaml` with the same settings: it keeps the intact shards and redoes "
     "the damaged ones"
 )
-
-
-@dataclass
-class CachedTeacherOutput:
-    """What the trainer reads instead of a teacher forward.
-
-    Classifiers: ``logits`` (B, C). Causal LMs, aligned with the student's ``logits`` (B, T, V): ``topk_ids``
-    (B, T, k) int64, ``topk_logprobs`` (B, T, k) and ``rest_logmass`` (B, T) float32, and ``covered`` (B, T)
-    bool, true where the cache holds a prediction (elsewhere, e.g. at the last position, which predicts no
-    token, a placeholder one-hot distribution). Full width rather than T - 1: the loss then runs on the
-    student's logits unsliced, which saves the backward of a slice, a (B, T, V) zero fill and copy.
-    """
-
-    logits: torch.Tensor | None = None
-    topk_ids: torch.Tensor | None = None
-    topk_logprobs: torch.Tensor | None = None
-    rest_logmass: torch.Tensor | None = None
-    covered: torch.Tensor | None = None
-
-    def to(self, device) -> CachedTeacherOutput:
-        moved = {k: v.to(device) if v is not None else None for k, v in vars(self).items()}
-        return CachedTeacherOutput(**moved)
 
 
 def read_manifest(path: str) -> dict:
@@ -70,15 +49,17 @@ def _config(values: dict) -> PretrainedConfig:
     return cls.from_dict(values)
 
 
-class CachedTeacher(nn.Module):
-    """The teacher's outputs, read from a cache written by :func:`llmkd.logit_cache.write_cache`.
+class CachedTeacher(TeacherSource):
+    """The teacher's outputs, read from a cache written by :func:`llmkd.teachers.cached.writer.write_cache`.
 
     Opening checks that every shard is present, complete and of this cache's fingerprint. Each call checks
     that the batch's token ids (its attention-masked part) equal the cached ids of its ``cache_index`` rows.
+    Classifier caches hold all logits (untempered); causal-LM caches the top-k log-probabilities at the cache's
+    temperature plus the rest's log-mass, served as `TopK` aligned with the student's positions (full width
+    rather than T - 1: the loss then runs on the student's logits unsliced, which saves the backward of a slice).
     """
 
     def __init__(self, path: str | os.PathLike):
-        super().__init__()
         self.path = os.fspath(path)
         self.manifest = read_manifest(self.path)
         self.fingerprint = self.manifest["fingerprint"]
@@ -94,11 +75,34 @@ class CachedTeacher(nn.Module):
         self._handles, self._offsets = {}, {}
         for entry in self.manifest["shards"]:
             self._check_shard(entry)
+        self.provides = frozenset({"logits"} if self.task == A.SEQ_CLS else {"logits", "topk"})
 
-    def get_output_embeddings(self):  # no weights: callers fall back to config.vocab_size
-        return None
+    def columns(self) -> set[str]:
+        return {CACHE_COLUMN}
 
-    def check(self, expected: dict) -> None:
+    def check(self, pair) -> None:
+        """The student's tokenizer and vocabulary must be the cache's (the cached ids would mean other tokens)."""
+        key = self.components.get("tokenizer")
+        tokenizer = pair.student_tokenizer
+        if tokenizer is not None and key is not None and F.tokenizer_key(tokenizer) != key:
+            raise F.CacheMismatchError(
+                f"the student's tokenizer differs from the one the teacher cache {self.path} was built with; "
+                f"the cached token ids would mean other tokens. {F.FIX}"
+            )
+        dtype = pair.args.teacher_dtype
+        if dtype != "auto" and self.components.get("teacher_dtype") not in (None, dtype):
+            raise F.CacheMismatchError(
+                f"teacher_dtype={dtype} but the teacher cache {self.path} was computed in "
+                f"{self.components['teacher_dtype']}; set teacher_dtype: {self.components['teacher_dtype']} or {F.FIX}"
+            )
+        rows = A.output_rows(pair.student)
+        if self.task == A.CAUSAL_LM and rows != self.vocab_size:
+            raise ValueError(
+                f"vocabulary mismatch: the student has {rows} logit rows, the cached teacher {self.vocab_size}; "
+                "a cache serves students of the teacher's vocabulary only"
+            )
+
+    def check_components(self, expected: dict) -> None:
         """Refuses (CacheMismatchError) when a given component (None = unchecked) differs from the cache's."""
         F.check_components(expected, self.components, self.path)
 
@@ -147,26 +151,14 @@ class CachedTeacher(nn.Module):
         out["rest_logmass"] = handle.get_slice("rest_logmass")[p:q].float()
         return out
 
-    def forward(
-        self,
-        input_ids,
-        attention_mask=None,
-        token_type_ids=None,
-        cache_index=None,
-        output_hidden_states=False,
-        output_attentions=False,
-        **unused,
-    ) -> CachedTeacherOutput:
-        if output_hidden_states or output_attentions:
+    def outputs(self, batch: dict, flags: dict) -> TeacherOutputs:
+        """The cached outputs of the batch's rows (found by `cache_index`, their ids checked)."""
+        if "cache_index" not in batch:
             raise ValueError(
-                "hidden, attention and relation terms need the teacher's features, which a logit cache does not "
-                "hold; drop those terms or distil with the live teacher"
+                "the batch has no cache_index column: add it with llmkd.teachers.cached.binding.attach_cache_index("
+                "dataset, cache, split) (cached_trainer_kwargs does) so each row finds its cached teacher outputs"
             )
-        if cache_index is None:
-            raise ValueError(
-                "the batch has no cache_index column: add it with llmkd.logit_cache.attach_cache_index(dataset, "
-                "cache, split) (cached_trainer_kwargs does) so each row finds its cached teacher outputs"
-            )
+        input_ids, attention_mask = batch["input_ids"], batch.get("attention_mask")
         # Row look-ups need the indices on the CPU anyway: check there, then move the result once.
         ids = input_ids.cpu()
         mask = (
@@ -174,12 +166,12 @@ class CachedTeacher(nn.Module):
             if attention_mask is not None
             else torch.ones_like(ids, dtype=torch.bool)
         )
-        indices = cache_index.view(-1).tolist()
+        indices = batch["cache_index"].view(-1).tolist()
         rows = [self.row(i) for i in indices]
         starts = self._check_ids(ids, mask, rows, indices)
         if self.task == A.SEQ_CLS:
-            return CachedTeacherOutput(logits=torch.stack([r["logits"] for r in rows]).to(input_ids.device))
-        return self._aligned(ids, mask, starts, rows).to(input_ids.device)
+            return TeacherOutputs(logits=torch.stack([r["logits"] for r in rows]).to(input_ids.device))
+        return TeacherOutputs(topk=self._aligned(ids, mask, starts, rows).to(input_ids.device))
 
     def _check_ids(self, input_ids, mask, rows, indices) -> list[int]:
         """Each row's attention-masked ids must be the cached ids; returns where each row's tokens start."""
@@ -204,7 +196,7 @@ class CachedTeacher(nn.Module):
             starts.append(start)
         return starts
 
-    def _aligned(self, input_ids, mask, starts, rows) -> CachedTeacherOutput:
+    def _aligned(self, input_ids, mask, starts, rows) -> TopK:
         """Dense (B, T, k) tensors aligned with the student's positions; uncovered ones hold a one-hot."""
         batch, width = input_ids.shape
         ids = torch.arange(self.k).expand(batch, width, self.k).clone()
@@ -223,4 +215,4 @@ class CachedTeacher(nn.Module):
                 "the batch predicts a real token from a padding position (left padding), which the cache holds "
                 "no teacher prediction for; pad on the right (tokenizer.padding_side = 'right')"
             )
-        return CachedTeacherOutput(topk_ids=ids, topk_logprobs=logprobs, rest_logmass=rest, covered=covered)
+        return TopK(ids=ids, logprobs=logprobs, rest=rest, covered=covered)

@@ -27,6 +27,7 @@ from safetensors.torch import save
 
 from llmkd import modeling as A
 from llmkd.atomic import atomic_write, write_json
+from llmkd.data.collate import pad_rows
 from llmkd.losses.bucketed import rest_log_mass
 from llmkd.teachers.cached import fingerprint as F
 
@@ -183,18 +184,6 @@ def _rows(splits: dict, bounds: dict, start: int, stop: int) -> list[dict]:
     return out
 
 
-def _pad(rows: list[dict], device) -> dict:
-    """Right-padded tensors and the attention mask (pads never reach real positions through the mask)."""
-    width = max(len(r["input_ids"]) for r in rows)
-    batch = {}
-    for key in rows[0]:
-        batch[key] = torch.tensor([r[key] + [0] * (width - len(r[key])) for r in rows], device=device)
-    batch["attention_mask"] = torch.tensor(
-        [[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows], device=device
-    )
-    return batch
-
-
 @torch.no_grad()
 def _shard_tensors(teacher, rows, task, k, temperature, value_dtype, batch_size) -> dict:
     device = next(teacher.parameters()).device
@@ -203,7 +192,8 @@ def _shard_tensors(teacher, rows, task, k, temperature, value_dtype, batch_size)
     per_row = [None] * len(rows)
     for i in range(0, len(order), batch_size):
         members = order[i : i + batch_size]
-        logits = teacher(**_pad([rows[m] for m in members], device)).logits
+        batch = pad_rows([rows[m] for m in members], pad_id=0)  # padded slots are masked: any id works
+        logits = teacher(**{k: v.to(device) for k, v in batch.items()}).logits
         if task == A.SEQ_CLS:
             for j, m in enumerate(members):
                 per_row[m] = (logits[j].float().cpu(),)

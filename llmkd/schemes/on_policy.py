@@ -19,11 +19,12 @@ from types import SimpleNamespace
 
 import torch
 
-from llmkd import alignment as A
-from llmkd.config import DistillationConfig
-from llmkd.data.loading import PROMPT_LENGTH, PromptCompletionCollator, pad_prompt_completion, padding_id
+from llmkd import modeling as A
+from llmkd.data.collate import DistillationCollator, padding_id
+from llmkd.data.loading import PROMPT_LENGTH
 from llmkd.data.synthesis.decoding import eos_token_ids, sample_batch
-from llmkd.trainer import DistillationTrainer
+from llmkd.schemes.base import KDTrainer
+from llmkd.schemes.config import DistillationConfig, _field
 
 logger = logging.getLogger(__name__)
 
@@ -82,9 +83,8 @@ class OnPolicyConfig(DistillationConfig):
             "completion tokens; set beta in the term (0 < beta < 1; forward_kl / reverse_kl for the ends)."
         },
     )
-    temperature: float = field(
-        default=1.0,
-        metadata={"help": "Softmax temperature of the logit terms (> 0); GKD uses 1 (no softening)."},
+    temperature: float = _field(
+        1.0, "Softmax temperature of the logit terms (> 0); GKD uses 1 (no softening).", "global_temperature"
     )
     hard_label_weight: float = field(
         default=0.0,
@@ -107,16 +107,14 @@ class OnPolicyConfig(DistillationConfig):
             "from the teacher instead of the dataset's."
         },
     )
-    max_new_tokens: int = field(
-        default=128,
-        metadata={"help": "Most tokens sampled per completion (>= 1); sampling stops earlier at EOS."},
+    max_new_tokens: int = _field(
+        128, "Most tokens sampled per completion (>= 1); sampling stops earlier at EOS.", "sampling"
     )
-    sampling_temperature: float = field(
-        default=1.0,
-        metadata={"help": "Temperature (> 0) when sampling completions; 1 samples the model's distribution."},
+    sampling_temperature: float = _field(
+        1.0, "Temperature (> 0) when sampling completions; 1 samples the model's distribution.", "sampling"
     )
-    top_k: int = field(default=0, metadata={"help": "Sample among the k most likely tokens (>= 0; 0 = off)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (0 < top_p <= 1; 1 = off)."})
+    top_k: int = _field(0, "Sample among the k most likely tokens (>= 0; 0 = off).", "sampling")
+    top_p: float = _field(1.0, "Nucleus sampling mass (0 < top_p <= 1; 1 = off).", "sampling")
 
     def __post_init__(self):
         super().__post_init__()
@@ -153,18 +151,18 @@ class OnPolicyConfig(DistillationConfig):
         )
 
 
-class OnPolicyTrainer(DistillationTrainer):
-    """`DistillationTrainer` on prompt/completion data whose completions may be sampled on the fly (GKD).
+class OnPolicyTrainer(KDTrainer):
+    """Distillation on prompt/completion data whose completions may be sampled on the fly (GKD).
 
     Each micro-batch's completions are the dataset's, the teacher's samples (`seq_kd`) or, with probability
     `lmbda`, the current student's samples; the loss covers completion tokens only. The data must come from
-    `llmkd.data.tokenize_prompt_completion` (collated by `PromptCompletionCollator`, the default collator).
+    `llmkd.data.loading.tokenize_prompt_completion` (right-padded by llmkd's collator, the default).
     Evaluation always uses the dataset's completions.
     """
 
+    config_class = OnPolicyConfig
+
     def __init__(self, model=None, teacher=None, args=None, *, teacher_processing_class=None, **kwargs):
-        if not isinstance(args, OnPolicyConfig):
-            raise TypeError(f"args must be an OnPolicyConfig, got {type(args).__name__}")
         if model is not None and A.task_of(model) != A.CAUSAL_LM:
             raise ValueError(
                 f"on-policy distillation samples text, so the student must be a causal LM; got "
@@ -173,8 +171,6 @@ class OnPolicyTrainer(DistillationTrainer):
         for split in ("train_dataset", "eval_dataset"):
             _check_prompt_columns(split, kwargs.get(split))
         tokenizer = kwargs.get("processing_class")
-        if kwargs.get("data_collator") is None:
-            kwargs["data_collator"] = PromptCompletionCollator(tokenizer)
         super().__init__(model, teacher, args, teacher_processing_class=teacher_processing_class, **kwargs)
         self._check_distributed()
         no_tokenizer = SimpleNamespace(eos_token_id=None)
@@ -195,11 +191,11 @@ class OnPolicyTrainer(DistillationTrainer):
                 "set lmbda=0 and seq_kd=false"
             )
 
-    def _set_signature_columns_if_needed(self):
-        # remove_unused_columns must keep the prompt length: it is how prompts are cut out for sampling.
-        if self._signature_columns is None:
-            super()._set_signature_columns_if_needed()
-            self._signature_columns.append(PROMPT_LENGTH)
+    def scheme_columns(self) -> list[str]:
+        return [PROMPT_LENGTH]  # how prompts are cut out for sampling
+
+    def scheme_facts(self) -> dict[str, bool]:
+        return {"sampling": self.args.lmbda > 0 or self.args.seq_kd}
 
     # ---- completions: replaced before the window's targets are counted ---------------------------
 
@@ -235,16 +231,10 @@ class OnPolicyTrainer(DistillationTrainer):
             batch = with_completions(
                 prompts, [r["generated_ids"] for r in rows], self.pad_id, self.args.device
             )
-        completion = (batch["labels"] != -100).sum(-1).float().mean()  # on the device: logs are reduced there
-        self._accumulate(
-            "train",
-            {
-                "onpolicy/student_batches": torch.tensor(
-                    float(source == "student"), device=completion.device
-                ),
-                "onpolicy/completion_tokens": completion,
-            },
-        )
+        completion = (batch["labels"] != -100).sum()  # on the device: logs are reduced there
+        one = torch.ones((), device=completion.device)
+        self.tally.add("train", "onpolicy/student_batches", one * (source == "student"), one)
+        self.tally.add("train", "onpolicy/completion_tokens", completion, one * len(batch["labels"]))
         return batch
 
 
@@ -253,7 +243,7 @@ def _check_prompt_columns(split: str, data) -> None:
     if columns is not None and PROMPT_LENGTH not in columns:
         raise ValueError(
             f"the {split} has columns {columns} but no {PROMPT_LENGTH!r}: on-policy distillation needs "
-            "prompt/completion data; tokenise it with llmkd.data.tokenize_prompt_completion"
+            "prompt/completion data; tokenise it with llmkd.data.loading.tokenize_prompt_completion"
         )
 
 
@@ -262,7 +252,7 @@ def prompts_of(batch: dict) -> list[list[int]]:
     if PROMPT_LENGTH not in batch:
         raise KeyError(
             f"the batch has no {PROMPT_LENGTH!r} (keys: {sorted(batch)}); collate tokenize_prompt_completion rows "
-            "with llmkd.data.PromptCompletionCollator"
+            "with llmkd.data.collate.DistillationCollator"
         )
     ids, lengths = batch["input_ids"].tolist(), batch[PROMPT_LENGTH].tolist()
     return [row[:n] for row, n in zip(ids, lengths)]
@@ -274,4 +264,5 @@ def with_completions(prompts, completions, pad_id: int, device) -> dict:
         {"input_ids": p + c, "labels": [-100] * len(p) + c, PROMPT_LENGTH: len(p)}
         for p, c in zip(prompts, completions)
     ]
-    return {k: v.to(device) for k, v in pad_prompt_completion(rows, pad_id).items()}
+    batch = DistillationCollator(SimpleNamespace(pad_token_id=pad_id), causal_lm=True)(rows)
+    return {k: v.to(device) for k, v in batch.items()}

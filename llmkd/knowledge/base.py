@@ -1,0 +1,121 @@
+"""The knowledge contract: what a term compares, which outputs it needs, and how its values are counted.
+
+A term is one knowledge type with one loss (`Term`). Its `Knowledge` object, built once per run from the student
+and the teacher source (`Pair`), validates the pair (layer maps, widths, heads, vocabularies), owns its trainable
+adapters (projectors), and turns one batch into `TermValues`: per-item values, the mask of the items that count,
+and the name of the count that normalises them ("examples", "tokens", "targets" or a kind it adds itself). The
+scheme's base trainer does the one reduction: Σ_terms weight · Σ values[mask] / count of the whole window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from llmkd.losses import LOSSES, Loss
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class Term:
+    """One weighted distillation term: which knowledge, which loss, how much, between which layers."""
+
+    knowledge: str
+    loss: str
+    weight: float = 1.0
+    layer_map: Any = None
+    params: dict = field(default_factory=dict)
+    temperature: float | None = None  # this term's softmax temperature; None: the config's
+
+    @property
+    def name(self) -> str:
+        return f"distill/{self.knowledge}_{self.loss}"
+
+    def to_dict(self) -> dict:
+        out = {"knowledge": self.knowledge, "loss": self.loss, "weight": self.weight}
+        if self.layer_map is not None:
+            out["layer_map"] = (
+                [list(p) for p in self.layer_map] if isinstance(self.layer_map, tuple) else self.layer_map
+            )
+        if self.temperature is not None:
+            out["temperature"] = self.temperature
+        return out | self.params
+
+
+@dataclass
+class TermValues:
+    """Per-item values (any shape the mask broadcasts to, or a 0-dim sum), the items that count, the count kind."""
+
+    values: Tensor
+    mask: Tensor | None
+    count: str
+
+
+@dataclass
+class Pair:
+    """What a knowledge object may look at while it is built: the two models and the run's settings."""
+
+    student: nn.Module
+    source: Any  # a llmkd.teachers TeacherSource
+    args: Any  # the scheme's config (DistillationConfig or a subclass)
+    task: str
+    regression: bool = False
+    student_tokenizer: Any = None
+    teacher_tokenizer: Any = None
+
+
+class Knowledge:
+    """Base class of the knowledge types (the extension point "what is compared").
+
+    Subclasses set `kind`, `needs` (model outputs both sides must provide: "logits", "hidden_states",
+    "attentions"), `count` and `default_layer_map`, and implement `values`. Those with trainable parts return
+    them from `adapter()` and use them in `adapt`, which runs inside the student's forward (so DDP, FSDP and
+    DeepSpeed see the adapter's parameters as part of the student).
+    """
+
+    kind: ClassVar[str] = ""
+    needs: ClassVar[frozenset[str]] = frozenset()
+    count: ClassVar[str] = "tokens"
+    default_layer_map: ClassVar[Any] = None
+    # Extra count kinds this knowledge introduces: kind -> fn(batch, task) -> (B, ...) mask of counted items.
+    counts: ClassVar[dict[str, Callable]] = {}
+
+    def __init__(self, term: Term, pair: Pair, index: int = 0):
+        self.term, self.index = term, index
+        self.loss: Loss = LOSSES[self.kind][term.loss]
+        self.name = term.name  # the name it is logged under
+
+    # -- set-up ------------------------------------------------------------------------------------
+    @classmethod
+    def check_layer_map(cls, layer_map, where: str) -> None:
+        """Parse-time check of the layer map's shape (indices are checked against the models later)."""
+        if layer_map is not None:
+            raise ValueError(f"{where}: {cls.kind} terms take no layer_map (got {layer_map!r}); remove it")
+
+    @classmethod
+    def probe(cls) -> tuple[Tensor, Tensor]:
+        """Tiny (student, teacher) inputs for the parse-time dry run of a term's loss and parameters."""
+        raise NotImplementedError
+
+    def adapter(self) -> nn.Module | None:
+        return None
+
+    def needs_full_logits(self, training: bool) -> bool:
+        """Whether the student must return (B, T, V) logits for this term (the fused path avoids them)."""
+        return False
+
+    # -- per batch ---------------------------------------------------------------------------------
+    def adapt(self, adapter: nn.Module, student_out) -> Any:
+        """Runs inside the student's forward: the adapter applied to the student's outputs."""
+        return None
+
+    def values(self, student_out, teacher_out, batch: dict, adapted: Any) -> TermValues:
+        raise NotImplementedError
+
+    def temperature(self, args) -> float:
+        return self.term.temperature if self.term.temperature is not None else args.temperature

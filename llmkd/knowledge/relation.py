@@ -1,0 +1,60 @@
+"""Relation knowledge: how the examples of a batch relate to each other (RKD, SP, PKT) on pooled vectors.
+
+Park et al. 2019 (RKD, arXiv 1904.05068); Tung & Mori 2019 (SP, arXiv 1907.09682); Passalis & Tefas 2018
+(PKT, arXiv 1803.10837). Each example is pooled to one vector: its first token for encoders ([CLS]), the mean
+of its real tokens for decoders (a causal model's first token has seen nothing else). A relation loss is one
+number per batch by nature: it is spread over the batch's examples (count kind "examples"), so a batch weighs
+by its share of the window's examples.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmkd.knowledge import layer_maps
+from llmkd.knowledge.base import Knowledge, Pair, Term, TermValues
+from llmkd.modeling import CAUSAL_LM, num_layers
+
+Tensor = torch.Tensor
+
+
+def pool(hidden: Tensor, attention_mask: Tensor | None, causal: bool) -> Tensor:
+    """(B, T, H) -> (B, H): first token for encoders, mean of valid positions for decoders (right padding)."""
+    if not causal:
+        return hidden[:, 0]
+    if attention_mask is None:
+        return hidden.mean(dim=1)
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+
+
+class RelationKnowledge(Knowledge):
+    kind = "relation"
+    needs = frozenset({"hidden_states"})
+    count = "examples"
+    default_layer_map = "last"
+
+    def __init__(self, term: Term, pair: Pair, index: int = 0):
+        super().__init__(term, pair, index)
+        n_teacher = int(pair.source.config.get_text_config().num_hidden_layers)
+        self.pairs = layer_maps.resolve(term.layer_map, num_layers(pair.student), n_teacher, "hidden")
+        self.causal = pair.task == CAUSAL_LM
+
+    @classmethod
+    def check_layer_map(cls, layer_map, where: str) -> None:
+        layer_maps.check_shape(layer_map, where)
+
+    @classmethod
+    def probe(cls):
+        return torch.randn(3, 2), torch.randn(3, 4)
+
+    def values(self, student_out, teacher_out, batch, adapted) -> TermValues:
+        mask = batch.get("attention_mask")
+        s_states, t_states = student_out.hidden_states, teacher_out.hidden_states
+        per = sum(
+            self.loss(
+                pool(s_states[s], mask, self.causal), pool(t_states[t], mask, self.causal), **self.term.params
+            )
+            for s, t in self.pairs
+        ) / len(self.pairs)
+        return TermValues(per.expand(batch["input_ids"].shape[0]), None, "examples")

@@ -1,0 +1,260 @@
+"""`KDTrainer`: the base of every scheme — counting, the weighted mix, metrics and auxiliary modules.
+
+One step:  loss = Σ_terms weight · Σ_items values[mask] / (items of the term's count kind in the whole
+gradient-accumulation window, summed over processes), so one batch of 8, four batches of 2 and two processes of
+4 give the same update. Terms come from `llmkd.knowledge` (what is compared), teacher outputs from a
+`llmkd.teachers` source (where they come from); a scheme subclasses this class and its config
+(`llmkd.schemes.config.DistillationConfig`) and overrides the few hooks it needs (`make_source`, `build_terms`,
+`get_batch_samples`, `scheme_facts`), never the reduction.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from llmkd.knowledge.adapters import AUX, AuxiliaryModules
+from llmkd.knowledge.counts import COUNTS, per_example
+from llmkd.knowledge.logits import agreement
+from llmkd.losses import masked_mean
+from llmkd.modeling import CAUSAL_LM, base_model, forward_keys, select_inputs
+from llmkd.schemes import setup
+from llmkd.schemes.config import DistillationConfig, check_settings
+from llmkd.schemes.tally import Tally, per_example_sums
+from llmkd.teachers import as_source
+
+
+class KDTrainer(Trainer):
+    """A `transformers.Trainer` that trains `model` (the student) on a weighted mix of distillation terms.
+
+    Args:
+        model: the student (a causal LM or a sequence classifier).
+        teacher: a model (frozen, kept in eval mode, never wrapped or saved), a teacher-cache folder or source.
+        args: the scheme's config (`DistillationConfig` or a subclass).
+        teacher_processing_class: the teacher's tokenizer; checked against the student's (the teacher reads
+            the student's token ids).
+        **kwargs: anything `transformers.Trainer` takes (datasets, collator, processing_class, callbacks, …).
+
+    Raises ValueError/TypeError before training for every mismatch (see llmkd.schemes.setup).
+    """
+
+    config_class = DistillationConfig
+    loss_is_scaled_for_ga = True  # compute_loss divides by the items of the whole accumulation window itself
+
+    def __init__(self, model=None, teacher=None, args=None, *, teacher_processing_class=None, **kwargs):
+        if not isinstance(args, self.config_class):
+            raise TypeError(f"args must be a {self.config_class.__name__}, got {type(args).__name__}")
+        if teacher is None or model is None:
+            raise ValueError(f"{type(self).__name__} needs both a student (model=) and a teacher (teacher=)")
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError(
+                "compute_loss_func is not used: llmkd computes the loss from its terms; remove it"
+            )
+        self.source = self.make_source(teacher)
+        self.pair = setup.make_pair(
+            model, self.source, args, kwargs.get("processing_class"), teacher_processing_class
+        )
+        self.source.check(self.pair)
+        self.terms = self.build_terms(args)
+        setup.check_datasets(args, self.pair.task, kwargs.get("train_dataset"), kwargs.get("eval_dataset"))
+        kwargs["data_collator"] = setup.collator(kwargs.get("data_collator"), self.pair)
+        with torch.random.fork_rng(devices=[]):  # adapters start from args.seed, whatever ran before
+            torch.manual_seed(args.seed)
+            adapters = {str(t.index): a for t in self.terms if (a := t.adapter()) is not None}
+        self.aux = AuxiliaryModules(
+            model, adapters
+        )  # before Trainer.__init__: moved, wrapped, optimised with it
+        setup.check_optimizer(kwargs.get("optimizers"), self.aux)
+        super().__init__(model=model, args=args, **kwargs)
+        if self.args.n_gpu > 1:
+            raise ValueError(
+                f"{self.args.n_gpu} GPUs in one process (DataParallel) are not supported; start one process per "
+                "GPU with `accelerate launch` or `torchrun`"
+            )
+        setup.decide_fused(self)
+        check_settings(self.args, setup.facts(self) | self.scheme_facts())
+        self.source.place(self)
+        self.tally = Tally()
+        self._student_keys = forward_keys(model)
+        self._counts = COUNTS | {k: f for t in self.terms for k, f in t.counts.items()}
+
+    # ---- hooks for schemes -------------------------------------------------------------------------
+    def make_source(self, teacher):
+        return as_source(teacher)
+
+    def build_terms(self, args) -> list:
+        return setup.build_terms(args.terms, self.pair)
+
+    def scheme_facts(self) -> dict[str, bool]:
+        return {}
+
+    # ---- counting ----------------------------------------------------------------------------------
+    def local_counts(self, batch: dict) -> dict[str, torch.Tensor]:
+        """kind -> (B,) items of each example of the batch."""
+        return {kind: per_example(fn(batch, self.pair.task)) for kind, fn in self._counts.items()}
+
+    def _get_num_items_in_batch(self, batch_samples, device):
+        """Items of the whole accumulation window, summed over processes: {kind: count}."""
+        kinds = list(self._counts)
+        local = [self.local_counts(b) for b in batch_samples]
+        counts = torch.stack([sum(c[k].sum().to(device) for c in local) for k in kinds])
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        return dict(zip(kinds, counts))
+
+    # ---- the loss ----------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        training = model.training
+        local = self.local_counts(inputs)
+        window = (
+            num_items_in_batch
+            if isinstance(num_items_in_batch, dict)
+            else {k: v.sum() for k, v in local.items()}
+        )
+        student_out, adapted = self._student_forward(model, inputs, training)
+        teacher_out = self._teacher_forward(inputs, training)
+        loss = student_out.logits.new_zeros((), dtype=torch.float32)
+        columns = {}
+        for term in self.terms:
+            tv = term.values(student_out, teacher_out, inputs, adapted.get(str(term.index)))
+            total = masked_mean(tv.values, tv.mask, num_items=1)  # the masked sum
+            loss = loss + term.term.weight * masked_mean(total, num_items=window[tv.count])
+            if training:
+                self.tally.add("train", term.name, total, local[tv.count].sum())
+            else:
+                columns[term.name] = (
+                    per_example_sums(tv.values, tv.mask, len(local["examples"])),
+                    local[tv.count],
+                )
+        if not training:
+            self._eval_columns(columns, student_out, teacher_out, inputs, local)
+        elif self.args.average_tokens_across_devices and self.args.world_size > 1:
+            loss = loss * self.args.world_size  # DDP averages gradients; the counts are already global
+        return (loss, student_out) if return_outputs else loss
+
+    def forward_flags(self, training: bool) -> dict:
+        needs = {n for t in self.terms for n in t.needs}
+        fused = training and any(getattr(t, "fused", False) for t in self.terms)
+        flags = {
+            "output_hidden_states": "hidden_states" in needs or fused,
+            "output_attentions": "attentions" in needs,
+        }
+        skip_logits = training and not any(t.needs_full_logits(True) for t in self.terms)
+        if skip_logits and self.pair.task == CAUSAL_LM:  # only hidden states are read: no (B, T, V) logits
+            flags["logits_to_keep"] = 1
+        return {k: v for k, v in flags.items() if v is not False}
+
+    def _student_forward(self, model, inputs, training):
+        flags = self.forward_flags(training)
+        if "logits_to_keep" in flags and "logits_to_keep" not in self._student_keys:
+            flags.pop("logits_to_keep")
+        student_inputs = select_inputs(inputs, self._student_keys)
+        if not len(self.aux):
+            return model(**student_inputs, **flags), {}
+        with self.aux.run(self._adapt):
+            out = model(**student_inputs, **flags)
+        return out, out.get(AUX) or {}
+
+    def _adapt(self, modules, student_out) -> dict:
+        """Runs inside the student's forward (see llmkd.knowledge.adapters)."""
+        return {
+            name: term.adapt(modules[name], student_out)
+            for term in self.terms
+            if (name := str(term.index)) in modules
+        }
+
+    def _teacher_forward(self, inputs, training):
+        if training and not any(t.needs for t in self.terms):
+            return None  # a task-loss-only baseline trains without the teacher (evaluation still runs it)
+        return self.source.outputs(inputs, self.forward_flags(training))
+
+    # ---- metrics: sums and counts ------------------------------------------------------------------
+    def _eval_columns(self, columns, student_out, teacher_out, inputs, local) -> None:
+        # Agreement compares argmaxes over one vocabulary: not for scores, nor across tokenizers.
+        if not self.pair.regression and not self.source.input_prefix:
+            agree = agreement(student_out.logits, teacher_out, inputs, self.pair.task, self.pair.vocab_rows)
+            columns["agreement"] = (agree, local["targets"])
+        self.tally.add_per_example("eval", columns, self.accelerator.gather_for_metrics)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log: each term over every item since the last one
+            reduce = (
+                (lambda t: self.accelerator.reduce(t, reduction="sum")) if self.args.world_size > 1 else None
+            )
+            logs.update(self.tally.flush("train", reduce))
+        super().log(logs, start_time)
+
+    def evaluation_loop(self, *args, **kwargs):
+        self.tally.reset("eval")
+        output = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        values = self.tally.flush("eval")
+        if values:  # the loss over every evaluated item, not a mean of per-batch losses
+            output.metrics[f"{prefix}_loss"] = round(
+                sum(t.term.weight * values[t.name] for t in self.terms), 6
+            )
+        output.metrics.update({f"{prefix}_{k}": v for k, v in values.items()})
+        return output
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # Always the distillation loss, labels or not (the base class skips the loss without labels).
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        return loss.detach(), outputs.logits.detach(), inputs.get("labels")
+
+    # ---- data and checkpoints ----------------------------------------------------------------------
+    def _set_signature_columns_if_needed(self):
+        # remove_unused_columns must keep what the teacher source and the scheme read.
+        if self._signature_columns is None:
+            super()._set_signature_columns_if_needed()
+            extra = self.source.columns() | set(self.scheme_columns())
+            self._signature_columns += sorted(extra - set(self._signature_columns))
+
+    def scheme_columns(self) -> list[str]:
+        return []
+
+    def _engine_checkpoints(self) -> bool:
+        """FSDP and DeepSpeed checkpoint the whole wrapped model, auxiliary modules included, themselves."""
+        return self.is_fsdp_enabled or self.is_deepspeed_enabled
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if len(self.aux) and self.args.should_save and not self._engine_checkpoints():
+            folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            self.aux.save(os.path.join(self._get_output_dir(trial=trial), folder))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if len(self.aux) and not self._engine_checkpoints():
+            self.aux.load(resume_from_checkpoint, self.args.device)
+
+    @property
+    def fused(self) -> bool:
+        """Whether the logit terms take the fused path in training (llmkd.losses.fused_logit_distillation)."""
+        return any(getattr(t, "fused", False) for t in self.terms)
+
+    @property
+    def vocab_rows(self) -> int | None:
+        """Logit rows the two sides share (padded vocabularies with vocab_mismatch=slice); None: all."""
+        return self.pair.vocab_rows
+
+    @property
+    def auxiliary_modules(self):
+        """The trainable helpers of the loss (projectors, …): an nn.ModuleDict keyed by term index."""
+        return self.aux.modules
+
+    @property
+    def teacher(self):
+        """The teacher model, or the source itself when it has no model (a logit cache)."""
+        model = getattr(self.source, "model", None)
+        return self.source if model is None else model
+
+    @property
+    def student(self):
+        return base_model(self.model)

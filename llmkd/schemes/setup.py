@@ -1,0 +1,178 @@
+"""Everything the base trainer checks and decides before training: the pair, the terms, the collator, the facts.
+
+Each function raises a ValueError naming the values and the fix; nothing here runs a training step.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+from llmkd.data.collate import DistillationCollator, RightPadded
+from llmkd.knowledge import KNOWLEDGE, LabelKnowledge, Pair, label_term
+from llmkd.knowledge.logits import LogitKnowledge
+from llmkd.modeling import CAUSAL_LM, SEQ_CLS, output_rows, task_of, text_config
+from llmkd.teachers.live import LiveTeacher, check_vocab
+
+logger = logging.getLogger(__name__)
+
+
+def make_pair(student: nn.Module, source, args, student_tok, teacher_tok) -> Pair:
+    """The run's task (the student's; a teacher of another task is refused) and the logit rows compared."""
+    task = task_of(student)
+    if source.task != task:
+        raise ValueError(f"the student is a {task} model but the teacher a {source.task} model")
+    config = text_config(student)
+    if getattr(config, "problem_type", None) == "multi_label_classification":
+        raise ValueError("multi-label classification is not supported yet; use single-label or regression")
+    pair = Pair(
+        student, source, args, task, task == SEQ_CLS and config.num_labels == 1, student_tok, teacher_tok
+    )
+    if task == SEQ_CLS:
+        check_labels(config, source.config.get_text_config())
+    pair.vocab_rows = _vocab_rows(pair)
+    return pair
+
+
+def _vocab_rows(pair: Pair) -> int | None:
+    """Rows of the logits both sides share, for logit terms and agreement (causal LMs with a live teacher)."""
+    source, args = pair.source, pair.args
+    if pair.task != CAUSAL_LM or not isinstance(source, LiveTeacher) or source.input_prefix:
+        return None
+    compares = any(t.knowledge == "logits" for t in args.terms) or args.hard_label_weight > 0
+    if compares or args.vocab_mismatch == "slice":
+        return check_vocab(pair.student, source.model, args.vocab_mismatch, args.shared_vocab_size)
+    rows = (output_rows(pair.student), output_rows(source.model))
+    return None if rows[0] == rows[1] else min(rows)  # agreement only: over the shared rows
+
+
+def check_labels(student_config, teacher_config) -> None:
+    """Sequence classifiers must predict the same classes in the same order."""
+    cs, ct = student_config, teacher_config
+    if cs.num_labels != ct.num_labels:
+        raise ValueError(
+            f"label mismatch: student num_labels={cs.num_labels}, teacher num_labels={ct.num_labels}; build the "
+            f"student with num_labels={ct.num_labels} and the teacher's label2id"
+        )
+    default = {f"LABEL_{i}": i for i in range(ct.num_labels)}
+    ls, lt = dict(cs.label2id or default), dict(ct.label2id or default)
+    if ls != lt and default not in (ls, lt):
+        raise ValueError(
+            f"label mismatch: student label2id={ls}, teacher label2id={lt}; give the student the teacher's "
+            "label2id/id2label so that logit k means the same class in both"
+        )
+
+
+def build_terms(terms, pair: Pair) -> list:
+    """One knowledge object per term (+ the task loss when hard_label_weight > 0), names made unique."""
+    built = [KNOWLEDGE[term.knowledge](term, pair, i) for i, term in enumerate(terms)]
+    if pair.args.hard_label_weight > 0:
+        built.append(LabelKnowledge(label_term(pair.args.hard_label_weight), pair, len(built)))
+    labels = [t.name for t in built]
+    for t in built:  # the same knowledge and loss on other layers: tell the logs apart
+        if labels.count(t.name) > 1:
+            t.name = f"{t.name}_{t.index}"
+    missing = {need for t in built for need in t.needs} - set(pair.source.provides)
+    if missing:
+        users = sorted({t.term.knowledge for t in built if set(t.needs) & missing})
+        raise ValueError(
+            f"{users} terms need the teacher's {sorted(missing)}, which this teacher source "
+            f"({type(pair.source).__name__}) does not provide; drop those terms or use a live teacher"
+        )
+    for t in built:
+        cached_t = getattr(pair.source, "temperature", None)
+        if isinstance(t, LogitKnowledge) and t.cached and pair.task == CAUSAL_LM:
+            _check_cache_temperature(t.temperature_value, cached_t, pair.source)
+    return built
+
+
+def _check_cache_temperature(temperature: float, cached: float, source) -> None:
+    from llmkd.teachers.cached.fingerprint import FIX, CacheMismatchError
+
+    if float(temperature) != cached:
+        raise CacheMismatchError(
+            f"temperature {temperature} differs from the teacher cache's {cached} (the cached log-probabilities are "
+            f"softmax(z / {cached})); set temperature: {cached} or {FIX}"
+        )
+
+
+def check_datasets(args, task: str, train_dataset, eval_dataset) -> None:
+    datasets = [("train", train_dataset)] + (
+        list(eval_dataset.items()) if isinstance(eval_dataset, dict) else [("eval", eval_dataset)]
+    )
+    for split, data in datasets:
+        if data is not None and hasattr(data, "__len__") and len(data) == 0:
+            raise ValueError(
+                f"the {split} dataset is empty; check the data files and any max_samples setting"
+            )
+    columns = getattr(train_dataset, "column_names", None)
+    unlabelled = columns is not None and not {"label", "labels"} & set(columns)
+    if args.hard_label_weight > 0 and unlabelled and task == SEQ_CLS:  # causal LMs label themselves
+        raise ValueError(
+            f"hard_label_weight={args.hard_label_weight} needs a 'label' column, but the training data has only "
+            f"{columns}; add labels or set hard_label_weight=0 to distil from the teacher alone"
+        )
+
+
+def collator(user_collator, pair: Pair):
+    """llmkd's collator by default; any other one wrapped so its batches follow the padding contract."""
+    if user_collator is None:
+        teacher_tok = pair.teacher_tokenizer if getattr(pair.source, "input_prefix", "") else None
+        return DistillationCollator(pair.student_tokenizer, pair.task == CAUSAL_LM, teacher_tok)
+    return user_collator if isinstance(user_collator, RightPadded) else RightPadded(user_collator)
+
+
+def check_optimizer(optimizers, aux) -> None:
+    """A user's optimizer built before the trainer cannot hold the auxiliary modules the trainer adds."""
+    optimizer = (optimizers or (None, None))[0]
+    if optimizer is None or not len(aux):
+        return
+    known = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if any(id(p) not in known for p in aux.modules.parameters()):
+        raise ValueError(
+            f"optimizers=(optimizer, scheduler) was built before the trainer added its auxiliary modules "
+            f"({', '.join(aux.modules)}: e.g. projectors), so they would never be updated; pass "
+            "optimizer_cls_and_kwargs instead, or let the trainer create the optimizer"
+        )
+
+
+def facts(trainer) -> dict[str, bool]:
+    """What the run is, for llmkd.schemes.config.check_settings (which fields take effect)."""
+    terms, pair, args = trainer.terms, trainer.pair, trainer.args
+    live = isinstance(pair.source, LiveTeacher)
+    logit_terms = [t for t in terms if isinstance(t, LogitKnowledge)]
+    uses_config_t = [t for t in terms if getattr(t, "temperature_value", None) is not None]
+    rows = (output_rows(pair.student), output_rows(pair.source.model)) if live else (0, 0)
+    zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
+    return {
+        "global_temperature": any(t.term.temperature is None and not pair.regression for t in uses_config_t),
+        "vocab_differs": live and pair.task == CAUSAL_LM and rows[0] != rows[1],
+        "slice": args.vocab_mismatch == "slice",
+        "fused_possible": live and pair.task == CAUSAL_LM and bool(logit_terms),
+        "fused": any(t.fused for t in logit_terms),
+        "sharded_backend": trainer.is_fsdp_enabled or zero3,
+        "hard_labels": args.hard_label_weight > 0 and not pair.regression,
+    }
+
+
+def decide_fused(trainer) -> None:
+    """Logit terms take the fused path when no other term needs the full logits and both heads are plain."""
+    terms, pair = trainer.terms, trainer.pair
+    logit_terms = [t for t in terms if isinstance(t, LogitKnowledge)]
+    others = [t for t in terms if not isinstance(t, LogitKnowledge)]
+    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled  # the heads are shards there
+    if not logit_terms or any(t.needs_full_logits(True) for t in others) or sharded:
+        return
+    if not (trainer.args.fused_logits and pair.task == CAUSAL_LM and isinstance(pair.source, LiveTeacher)):
+        return
+    if pair.source.input_prefix or any(t.cached for t in logit_terms):
+        return
+    from llmkd.students.heads import head_mismatch
+
+    reasons = [r for r in (head_mismatch(pair.student), head_mismatch(pair.source.model)) if r]
+    if reasons:
+        logger.info("fused logit path not used: %s", "; ".join(reasons))
+        return
+    for term in logit_terms:
+        term.fused = True
