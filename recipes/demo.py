@@ -22,11 +22,11 @@ import sys
 from pathlib import Path
 
 from llmkd.cli.pipeline import REPORT, distill, finetune, write_json
+from llmkd.content import checkpoint_key, file_sha256
 from llmkd.data.assets.minilm import minilm_path
 from llmkd.data.assets.vader import prepare_rotten_tomatoes
 from llmkd.evaluation.checkpoints import evaluate_checkpoints
 from llmkd.evaluation.report import write_report
-from llmkd.teachers.cached.fingerprint import checkpoint_key, file_sha256
 
 RECIPES = Path(__file__).resolve().parent / "demo"
 INPUTS = "demo_inputs.json"  # in each step's folder: what the step was made from, files and models by content

@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from test_assets import make_sdist
 from tokenizers import normalizers
 
+from llmkd import content
 from llmkd.data.assets import smollm2
 from llmkd.data.assets import vader as assets
 from llmkd.data.synthesis.common import model_identity
@@ -310,7 +311,7 @@ def test_a_finished_synthesis_run_is_not_served_for_a_retrained_teacher(tmp_path
     data = sample_teacher(first, tok, config)
     assert sample_teacher(first, tok, config)["input_ids"] == data["input_ids"]  # same teacher: reused
     provenance = json.loads((tmp_path / "run" / "provenance.json").read_text())
-    assert provenance["content_keys"]["teacher"] == F.checkpoint_key(folder)
+    assert provenance["content_keys"]["teacher"] == content.checkpoint_key(folder)
     seeded(LlamaForCausalLM, llama_config(), 1).save_pretrained(folder)  # re-trained into the same folder
     second = LlamaForCausalLM.from_pretrained(folder)
     assert model_identity(second) == model_identity(first)  # negative control: the version-1 fingerprint

@@ -318,8 +318,7 @@ def test_recipe_cache_then_training_never_loads_the_teacher(tmp_path, monkeypatc
     from transformers import PreTrainedModel
 
     from llmkd.cli import main
-    from llmkd.cli.cache import CacheRunConfig
-    from llmkd.cli.recipe import load_stages
+    from llmkd.cli.recipe import RunConfig, load_stages
 
     teacher_dir, tok = tmp_path / "teacher", make_tokenizer("llama")
     seeded(LlamaForCausalLM, llama_config(), 0).save_pretrained(teacher_dir)
@@ -343,7 +342,7 @@ def test_recipe_cache_then_training_never_loads_the_teacher(tmp_path, monkeypatc
 
     monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(guarded))
     run, args = load_stages(
-        str(recipe), ["--max_steps", "2", "--logging_steps", "1"], CacheRunConfig, DistillationConfig
+        str(recipe), ["--max_steps", "2", "--logging_steps", "1"], RunConfig, DistillationConfig
     )[-1]
     from llmkd.cli.pipeline import build_data
 

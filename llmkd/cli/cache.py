@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
 from transformers import AutoTokenizer
 
@@ -12,44 +11,10 @@ from llmkd.modeling import SEQ_CLS
 from llmkd.schemes.config import DistillationConfig
 from llmkd.teachers.cached.binding import named_splits
 from llmkd.teachers.cached.fingerprint import teacher_key
-from llmkd.teachers.cached.writer import VALUE_DTYPES, write_cache
+from llmkd.teachers.cached.writer import write_cache
 from llmkd.teachers.live import DTYPES
 
 logger = logging.getLogger(__name__)
-
-
-def _help(text: str, default=None):
-    return field(default=default, metadata={"help": text})
-
-
-@dataclass
-class CacheRunConfig(RunConfig):
-    """A distillation recipe plus where and how to cache the teacher's outputs."""
-
-    teacher_cache: str | None = _help(
-        "Teacher-logit cache folder: written by `llmkd cache-teacher`, read by the distillation run, which then "
-        "never loads the teacher."
-    )
-    cache_top_k: int = _help(
-        "Causal LMs: top-k log-probabilities kept per position (+ the rest's log-mass); classifiers keep all.",
-        64,
-    )
-    cache_dtype: str = _help(
-        "Stored log-probability dtype: float16 (faithful, default), bfloat16 or float32.", "float16"
-    )
-    cache_batch_size: int = _help("Rows per teacher forward while caching (> 0).", 8)
-    cache_rows_per_shard: int = _help("Rows per safetensors shard, the unit of resume (> 0).", 1024)
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not isinstance(self.cache_top_k, int) or self.cache_top_k < 1:
-            raise ValueError(f"cache_top_k must be a positive integer, got {self.cache_top_k!r}")
-        if self.cache_dtype not in VALUE_DTYPES:
-            raise ValueError(f"cache_dtype={self.cache_dtype!r}: choose one of {sorted(VALUE_DTYPES)}")
-        for name in ("cache_batch_size", "cache_rows_per_shard"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def cache_teacher(config_path: str, overrides: list[str] = ()) -> dict:
@@ -61,7 +26,7 @@ def cache_teacher(config_path: str, overrides: list[str] = ()) -> dict:
     from llmkd.cli.pipeline import build_data
     from llmkd.students.loading import detect_task, load_model, resolve_path
 
-    stages = load_stages(config_path, list(overrides), CacheRunConfig, DistillationConfig)
+    stages = load_stages(config_path, list(overrides), RunConfig, DistillationConfig)
     if (
         len(stages) > 1
     ):  # a later stage's student (and its tokenizer) exists only after the earlier stages ran

@@ -5,17 +5,15 @@ from __future__ import annotations
 import logging
 import os
 
-import numpy as np
 import torch
-from sklearn.metrics import accuracy_score
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, set_seed
 
 from llmkd.atomic import write_json
-from llmkd.cli.recipe import FINETUNE, load_config, load_stages, trainer_classes
+from llmkd.cli.recipe import FINETUNE, RunConfig, load_config, load_stages, trainer_classes
 from llmkd.data import glue
 from llmkd.data.collate import DistillationCollator
 from llmkd.data.loading import load_raw, tokenize, tokenize_pairs, tokenize_prompt_completion
-from llmkd.evaluation.metrics import make_compute_metrics
+from llmkd.evaluation.metrics import accuracy, make_compute_metrics
 from llmkd.modeling import CAUSAL_LM, SEQ_CLS
 from llmkd.students.from_teacher import describe, student_from_config, student_from_teacher
 from llmkd.students.loading import detect_task, load_model, resolve_path
@@ -177,15 +175,14 @@ def collator_of(run, task: str, tokenizer):
 def metrics_for(run, task: str, model_config):
     """GLUE metrics for a GLUE task, accuracy for other classifiers, nothing for LMs and regression."""
     if run.glue_task:
-        return make_compute_metrics(run.glue_task)
+        mapping = glue.align_labels(run.glue_task, model_config) if model_config is not None else None
+        return make_compute_metrics(run.glue_task, mapping)
     return accuracy if task == SEQ_CLS and model_config.num_labels > 1 else None
 
 
 def distill(config_path: str, overrides: list[str] = ()) -> dict:
     """Runs a distillation recipe end to end, stage by stage; returns the last stage's report."""
-    from llmkd.cli.cache import CacheRunConfig  # RunConfig + teacher_cache keys
-
-    stages = load_stages(config_path, list(overrides), CacheRunConfig)
+    stages = load_stages(config_path, list(overrides), RunConfig)
     reports = [distill_stage(run, args) for run, args in stages]
     return reports[-1] | ({"stages": reports[:-1]} if len(reports) > 1 else {})
 
@@ -302,13 +299,6 @@ def train_and_report(trainer, args, report: dict, run=None) -> dict:
     if trainer.is_world_process_zero():
         write_json(os.path.join(args.output_dir, REPORT), report)
     return report
-
-
-def accuracy(prediction) -> dict:
-    logits = (
-        prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-    )
-    return {"accuracy": float(accuracy_score(prediction.label_ids, np.argmax(logits, axis=-1)))}
 
 
 def _label_names(config) -> list[str] | None:

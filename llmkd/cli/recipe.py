@@ -15,6 +15,7 @@ from llmkd.data.glue import GLUE_TASKS
 from llmkd.modeling import CAUSAL_LM, SEQ_CLS
 from llmkd.schemes.config import DistillationConfig
 
+CACHE_DTYPES = ("float16", "bfloat16", "float32")  # llmkd.teachers.cached.writer.VALUE_DTYPES
 NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
@@ -108,6 +109,19 @@ class RunConfig(DataConfig):
         "student with another tokenizer; keys uld_weight, uld_chunk_size).",
         "distill",
     )
+    teacher_cache: str | None = _help(
+        "Teacher-logit cache folder: written by `llmkd cache-teacher`, read by the distillation run, which then "
+        "never loads the teacher."
+    )
+    cache_top_k: int = _help(
+        "Causal LMs: top-k log-probabilities kept per position (+ the rest's log-mass); classifiers keep all.",
+        64,
+    )
+    cache_dtype: str = _help(
+        "Stored log-probability dtype: float16 (faithful, default), bfloat16 or float32.", "float16"
+    )
+    cache_batch_size: int = _help("Rows per teacher forward while caching (> 0).", 8)
+    cache_rows_per_shard: int = _help("Rows per safetensors shard, the unit of resume (> 0).", 1024)
     student_dtype: str = _help(
         "Student weights dtype while training: float32 (default; bf16: true / fp16: true then train in mixed "
         "precision with float32 master weights, as optimizers need) or auto (as loaded, e.g. a bf16 checkpoint "
@@ -130,6 +144,17 @@ class RunConfig(DataConfig):
             )
         if self.task not in (None, CAUSAL_LM, SEQ_CLS):
             raise ValueError(f"task={self.task!r}: use {CAUSAL_LM} or {SEQ_CLS}")
+        self._check_cache_options()
+
+    def _check_cache_options(self) -> None:
+        if not isinstance(self.cache_top_k, int) or self.cache_top_k < 1:
+            raise ValueError(f"cache_top_k must be a positive integer, got {self.cache_top_k!r}")
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise ValueError(f"cache_dtype={self.cache_dtype!r}: choose one of {sorted(CACHE_DTYPES)}")
+        for name in ("cache_batch_size", "cache_rows_per_shard"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
     def _check_student_options(self) -> None:
         allowed = {

@@ -28,10 +28,16 @@ FILL = {"attention_mask": 0, "token_type_ids": 0, "labels": IGNORE_INDEX, "speci
 TOKEN_COLUMNS = ("input_ids",)
 
 
-def padding_id(tokenizer) -> int:
-    """The tokenizer's pad id, else its EOS id, else 0. Padded slots are masked, so the choice never matters."""
-    for value in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
-        if value is not None:
+def padding_id(tokenizer, config=None) -> int:
+    """The model config's pad id, else the tokenizer's pad id, else its EOS id, else 0.
+
+    Padded slots are masked for every term, but decoder classifiers (Llama, GPT-2, … *ForSequenceClassification)
+    pool their last token by comparing ids with ``config.pad_token_id``: any other pad id would make them pool a
+    padded slot. So the model's own pad id comes first.
+    """
+    candidates = (getattr(config, "pad_token_id", None), getattr(tokenizer, "pad_token_id", None))
+    for value in (*candidates, getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(value, int):
             return int(value)
     return 0
 
@@ -113,16 +119,21 @@ class DistillationCollator:
     causal_lm: bool = False
     teacher_tokenizer: Any = None
     pad_to_multiple_of: int | None = None
+    config: Any = None  # the student's config (its pad id wins, see padding_id)
+    teacher_config: Any = None
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         features = [dict(f) for f in features]
         batch = {}
-        for prefix, tokenizer in (("", self.tokenizer), ("teacher_", self.teacher_tokenizer)):
+        streams = (
+            ("", self.tokenizer, self.config),
+            ("teacher_", self.teacher_tokenizer, self.teacher_config),
+        )
+        for prefix, tokenizer, config in streams:
             if f"{prefix}input_ids" not in features[0]:
                 continue
-            padded = pad_rows(
-                features, padding_id(tokenizer), prefix=prefix, pad_to_multiple_of=self.pad_to_multiple_of
-            )
+            pad_id = padding_id(tokenizer, config)
+            padded = pad_rows(features, pad_id, prefix=prefix, pad_to_multiple_of=self.pad_to_multiple_of)
             if self.causal_lm and f"{prefix}labels" not in padded:
                 padded[f"{prefix}labels"] = lm_labels(
                     padded[f"{prefix}input_ids"], padded[f"{prefix}attention_mask"]
@@ -157,14 +168,18 @@ def right_align(batch: dict) -> dict:
 class RightPadded:
     """Any collator, made to follow llmkd's padding contract (see the module docstring).
 
-    Rows it left-pads are moved right. For a `transformers.DataCollatorForLanguageModeling` (plain causal LM, which
-    masks every token equal to the pad id), labels are recomputed from the attention mask.
+    Rows it left-pads are moved right, and padded slots hold `pad_id` (the model's, see `padding_id`). For a
+    `transformers.DataCollatorForLanguageModeling` (plain causal LM, which masks every token equal to the pad id),
+    labels are recomputed from the attention mask.
     """
 
     collator: Callable
+    pad_id: int | None = None
 
     def __call__(self, features):
         batch = right_align(dict(self.collator(features)))
+        if self.pad_id is not None and "attention_mask" in batch and "input_ids" in batch:
+            batch["input_ids"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, self.pad_id)
         inner = self.collator
         plain_lm = isinstance(inner, DataCollatorForLanguageModeling) and not inner.mlm
         if plain_lm and "labels" in batch and "attention_mask" in batch:

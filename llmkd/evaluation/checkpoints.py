@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
+from llmkd.data.collate import DistillationCollator
 from llmkd.data.glue import (
     DataSource,
     align_labels,
@@ -63,10 +64,12 @@ def predict_logits(model, tokenizer, dataset, task: str, batch_size: int, max_le
     device = next(model.parameters()).device
     columns = [dataset[c] for c in get_task(task).text_columns]
     chunks = []
+    collate = DistillationCollator(tokenizer, config=model.config)  # right-padded, as in training
     for start in range(0, len(dataset), batch_size):
         texts = [column[start : start + batch_size] for column in columns]
-        batch = tokenizer(*texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-        chunks.append(model(**batch.to(device)).logits.float().cpu())
+        encoded = tokenizer(*texts, truncation=True, max_length=max_length)
+        batch = collate([dict(zip(encoded, row)) for row in zip(*encoded.values())])
+        chunks.append(model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu())
     return torch.cat(chunks).numpy()
 
 

@@ -8,7 +8,7 @@ import numpy as np
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-from llmkd.data.glue import GlueTask, get_task
+from llmkd.data.glue import GlueTask, get_task, to_dataset_order
 
 
 def _pearson(y_pred, y_true) -> float:
@@ -51,15 +51,36 @@ def task_score(task: str | GlueTask, metrics: Mapping[str, float]) -> float:
     return float(np.mean([metrics[name] for name in get_task(task).metrics]))
 
 
-def make_compute_metrics(task: str | GlueTask) -> Callable:
-    """A `transformers.Trainer(compute_metrics=...)` function for the task."""
+def make_compute_metrics(task: str | GlueTask, mapping: Mapping[int, int] | None = None) -> Callable:
+    """A `transformers.Trainer(compute_metrics=...)` function for the task, scored in the DATASET's label space.
+
+    `mapping` (dataset label id -> model logit index, from `llmkd.data.glue.align_labels`) is how the training
+    data was remapped for a checkpoint with another class order; metrics undo it, so F1 is the positive class's
+    and every number equals what `llmkd eval` reports for the same checkpoint and data.
+    """
     task = get_task(task)
+    inverse = {model: data for data, model in (mapping or {}).items()}
 
     def _compute(eval_prediction) -> dict[str, float]:
         predictions = eval_prediction.predictions
         # Models that also return hidden states or attentions give a tuple with the logits first.
         if isinstance(predictions, tuple):
             predictions = predictions[0]
-        return compute_metrics(task, predictions, eval_prediction.label_ids)
+        labels = np.asarray(eval_prediction.label_ids)
+        if mapping:
+            predictions = to_dataset_order(predictions, mapping)
+            labels = np.array([inverse.get(int(y), int(y)) if y >= 0 else int(y) for y in labels])
+        return compute_metrics(task, predictions, labels)
 
     return _compute
+
+
+def accuracy(eval_prediction) -> dict[str, float]:
+    """Accuracy of argmax predictions, for classifiers outside the GLUE table (their labels are the model's)."""
+    predictions = eval_prediction.predictions
+    predictions = predictions[0] if isinstance(predictions, tuple) else predictions
+    return {
+        "accuracy": METRICS["accuracy"](
+            np.argmax(predictions, axis=-1), np.asarray(eval_prediction.label_ids)
+        )
+    }

@@ -74,7 +74,7 @@ class KDTrainer(Trainer):
                 f"{self.args.n_gpu} GPUs in one process (DataParallel) are not supported; start one process per "
                 "GPU with `accelerate launch` or `torchrun`"
             )
-        setup.decide_fused(self)
+        self.would_fuse = setup.decide_fused(self)
         check_settings(self.args, setup.facts(self) | self.scheme_facts())
         self.source.place(self)
         self.tally = Tally()
@@ -193,9 +193,7 @@ class KDTrainer(Trainer):
         prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
         values = self.tally.flush("eval")
         if values:  # the loss over every evaluated item, not a mean of per-batch losses
-            output.metrics[f"{prefix}_loss"] = round(
-                sum(t.term.weight * values[t.name] for t in self.terms), 6
-            )
+            output.metrics[f"{prefix}_loss"] = sum(t.term.weight * values[t.name] for t in self.terms)
         output.metrics.update({f"{prefix}_{k}": v for k, v in values.items()})
         return output
 

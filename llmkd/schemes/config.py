@@ -25,11 +25,14 @@ FACT_REASONS = {
     "global_temperature": "no logit term uses the config's temperature (none, or each sets its own)",
     "vocab_differs": "the student's and the teacher's logit rows do not differ (or are not compared)",
     "slice": "vocab_mismatch is not 'slice'",
-    "fused_possible": "the fused path cannot apply here (it needs causal-LM logit terms with a live teacher)",
+    "fused_possible": "the fused path cannot apply to this run (it needs causal-LM logit terms with a live teacher "
+    "reading the student's ids, no task loss or other term needing the full logits, plain lm_heads and no "
+    "sharding back-end)",
     "fused": "the fused path is not taken in this run",
     "sharded_backend": "the back-end (no FSDP, no DeepSpeed ZeRO-3) keeps a plain teacher copy on every process",
     "hard_labels": "hard_label_weight is 0 or the task is regression (no cross-entropy on labels)",
     "sampling": "no completion is sampled (lmbda=0 and seq_kd=false)",
+    "dataset_batches": "every batch is sampled from the student (lmbda=1)",
     "uld": "uld_weight is 0 (no ULD term)",
 }
 

@@ -100,12 +100,11 @@ class OnPolicyConfig(DistillationConfig):
             "(GKD's student-data fraction lambda); 0 = supervised KD on fixed completions, 1 = fully on-policy."
         },
     )
-    seq_kd: bool = field(
-        default=False,
-        metadata={
-            "help": "Sequence-level KD (Kim & Rush 2016): batches that are not on-policy use completions sampled "
-            "from the teacher instead of the dataset's."
-        },
+    seq_kd: bool = _field(
+        False,
+        "Sequence-level KD (Kim & Rush 2016): batches that are not on-policy use completions sampled from the "
+        "teacher instead of the dataset's.",
+        "dataset_batches",
     )
     max_new_tokens: int = _field(
         128, "Most tokens sampled per completion (>= 1); sampling stops earlier at EOS.", "sampling"
@@ -195,7 +194,7 @@ class OnPolicyTrainer(KDTrainer):
         return [PROMPT_LENGTH]  # how prompts are cut out for sampling
 
     def scheme_facts(self) -> dict[str, bool]:
-        return {"sampling": self.args.lmbda > 0 or self.args.seq_kd}
+        return {"sampling": self.args.lmbda > 0 or self.args.seq_kd, "dataset_batches": self.args.lmbda < 1}
 
     # ---- completions: replaced before the window's targets are counted ---------------------------
 

@@ -9,7 +9,7 @@ import logging
 
 from torch import nn
 
-from llmkd.data.collate import DistillationCollator, RightPadded
+from llmkd.data.collate import DistillationCollator, RightPadded, padding_id
 from llmkd.knowledge import KNOWLEDGE, LabelKnowledge, Pair, label_term
 from llmkd.knowledge.logits import LogitKnowledge
 from llmkd.modeling import CAUSAL_LM, SEQ_CLS, output_rows, task_of, text_config
@@ -117,10 +117,22 @@ def check_datasets(args, task: str, train_dataset, eval_dataset) -> None:
 
 def collator(user_collator, pair: Pair):
     """llmkd's collator by default; any other one wrapped so its batches follow the padding contract."""
+    config = pair.student.config
     if user_collator is None:
-        teacher_tok = pair.teacher_tokenizer if getattr(pair.source, "input_prefix", "") else None
-        return DistillationCollator(pair.student_tokenizer, pair.task == CAUSAL_LM, teacher_tok)
-    return user_collator if isinstance(user_collator, RightPadded) else RightPadded(user_collator)
+        own_stream = getattr(pair.source, "input_prefix", "")
+        teacher_tok, teacher_config = (
+            (pair.teacher_tokenizer, pair.source.config) if own_stream else (None, None)
+        )
+        return DistillationCollator(
+            pair.student_tokenizer,
+            pair.task == CAUSAL_LM,
+            teacher_tok,
+            config=config,
+            teacher_config=teacher_config,
+        )
+    if isinstance(user_collator, RightPadded):
+        return user_collator
+    return RightPadded(user_collator, padding_id(pair.student_tokenizer, config))
 
 
 def check_optimizer(optimizers, aux) -> None:
@@ -147,32 +159,38 @@ def facts(trainer) -> dict[str, bool]:
     zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
     return {
         "global_temperature": any(t.term.temperature is None and not pair.regression for t in uses_config_t),
-        "vocab_differs": live and pair.task == CAUSAL_LM and rows[0] != rows[1],
+        "vocab_differs": live
+        and not pair.source.input_prefix
+        and pair.task == CAUSAL_LM
+        and rows[0] != rows[1],
         "slice": args.vocab_mismatch == "slice",
-        "fused_possible": live and pair.task == CAUSAL_LM and bool(logit_terms),
+        "fused_possible": trainer.would_fuse,
         "fused": any(t.fused for t in logit_terms),
         "sharded_backend": trainer.is_fsdp_enabled or zero3,
         "hard_labels": args.hard_label_weight > 0 and not pair.regression,
     }
 
 
-def decide_fused(trainer) -> None:
-    """Logit terms take the fused path when no other term needs the full logits and both heads are plain."""
+def decide_fused(trainer) -> bool:
+    """Logit terms take the fused path when no other term needs the full logits and both heads are plain.
+
+    Returns whether the path would be taken with fused_logits=True (so that the setting can be checked)."""
     terms, pair = trainer.terms, trainer.pair
     logit_terms = [t for t in terms if isinstance(t, LogitKnowledge)]
     others = [t for t in terms if not isinstance(t, LogitKnowledge)]
     sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled  # the heads are shards there
     if not logit_terms or any(t.needs_full_logits(True) for t in others) or sharded:
-        return
-    if not (trainer.args.fused_logits and pair.task == CAUSAL_LM and isinstance(pair.source, LiveTeacher)):
-        return
+        return False
+    if pair.task != CAUSAL_LM or not isinstance(pair.source, LiveTeacher):
+        return False
     if pair.source.input_prefix or any(t.cached for t in logit_terms):
-        return
+        return False
     from llmkd.students.heads import head_mismatch
 
     reasons = [r for r in (head_mismatch(pair.student), head_mismatch(pair.source.model)) if r]
     if reasons:
         logger.info("fused logit path not used: %s", "; ".join(reasons))
-        return
+        return False
     for term in logit_terms:
-        term.fused = True
+        term.fused = bool(trainer.args.fused_logits)
+    return True

@@ -47,7 +47,12 @@ class Tally:
         stacked = torch.stack([store[n] for n in names])
         if reduce is not None:
             stacked = reduce(stacked)
-        return {n: round((s / c).item(), 6) if c > 0 else 0.0 for n, (s, c) in zip(names, stacked)}
+        return {n: _six_digits((s / c).item()) if c > 0 else 0.0 for n, (s, c) in zip(names, stacked)}
+
+
+def _six_digits(value: float) -> float:
+    """Six significant digits: readable logs without losing small values (1e-5 stays 1e-5, not 0)."""
+    return float(f"{value:.6g}")
 
 
 def per_example_sums(values: Tensor, mask: Tensor | None, batch_size: int) -> Tensor:

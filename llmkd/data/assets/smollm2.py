@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from llmkd.atomic import write_json
-from llmkd.teachers.cached.fingerprint import code_key, file_sha256
+from llmkd.content import code_key, file_sha256
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from llmkd.atomic import atomic_write
-from llmkd.teachers.cached.fingerprint import code_key
+from llmkd.content import code_key
 
 logger = logging.getLogger(__name__)
 

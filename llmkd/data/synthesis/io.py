@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 
 from llmkd import __version__
 from llmkd.atomic import write_json
+from llmkd.content import content_keyed
 from llmkd.data.synthesis.common import SEEDING
-from llmkd.teachers.cached.fingerprint import content_keyed
 
 logger = logging.getLogger(__name__)
 PROGRESS = "progress.json"
