@@ -8,8 +8,8 @@ Paths (the same random h_S, W_S, h_T, W_T for all; the logits are h W^T, H = 576
 - ``naive``: a loss written like a typical trainer's (the generalised JSD of TRL's GKD trainer), holding
   (N, V) float32 log-softmaxes, mixtures and elementwise KL terms until backward (:func:`naive_jsd`,
   :func:`naive_forward_kl`);
-- ``chunked``: :func:`llmkd.chunked.chunked_logit_loss` on the same logits;
-- ``fused``: :func:`llmkd.chunked.fused_logit_distillation` from h_S, W_S, h_T, W_T: no (N, V) tensor at all.
+- ``chunked``: :func:`llmkd.losses.chunked_logit_loss` on the same logits;
+- ``fused``: :func:`llmkd.losses.fused_logit_distillation` from h_S, W_S, h_T, W_T: no (N, V) tensor at all.
 
 Peak extra memory, the same definition for every path: the peak of the bytes allocated by torch and still
 live during the loss's forward + backward, counted from the start of the step (when only its inputs exist:

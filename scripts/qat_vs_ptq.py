@@ -15,12 +15,12 @@ import time
 import torch
 from transformers import AutoModelForSequenceClassification, set_seed
 
+from llmkd import DistillationTrainer
 from llmkd.atomic import write_json
 from llmkd.cli.pipeline import build_data, build_models, metrics_for
 from llmkd.cli.recipe import load_config
-from llmkd.data.loading import collator_for
+from llmkd.data.collate import DistillationCollator
 from llmkd.students import quantize as Q
-from llmkd.trainer import DistillationTrainer
 
 out, steps = sys.argv[1], int(sys.argv[2])
 configs = [tuple(int(x) for x in c.split(":")) for c in sys.argv[3:]] or [(4, 32)]
@@ -50,7 +50,7 @@ def trainer_for(student):
         args=args,
         train_dataset=train,
         eval_dataset=evaluation,
-        data_collator=collator_for(task, tok),
+        data_collator=DistillationCollator(tok),
         processing_class=tok,
         teacher_processing_class=tok,
         compute_metrics=metrics_for(run_cfg, task, teacher.config),
@@ -60,7 +60,7 @@ def trainer_for(student):
 def accuracy(model):
     """Validation accuracy from the student alone (no teacher forward: a quarter of the cost)."""
     model.eval()
-    collate, correct = collator_for(task, tok), 0
+    collate, correct = DistillationCollator(tok), 0
     keys = {"input_ids", "attention_mask", "token_type_ids"}
     with torch.no_grad():
         for start in range(0, len(evaluation), 128):

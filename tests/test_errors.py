@@ -166,7 +166,7 @@ def test_sdpa_is_switched_to_eager_with_a_warning(bert_pair, tmp_path, caplog):
 
     out = student(input_ids=torch.tensor([[2, 7, 3]]), output_attentions=True)
     assert not out.attentions
-    with caplog.at_level(logging.WARNING, logger="llmkd.alignment"):
+    with caplog.at_level(logging.WARNING, logger="llmkd.knowledge.attention"):
         trainer = make_trainer(teacher, student, "cls", tmp_path, TERMS["attention"], max_steps=1)
     assert "switching the student from attn_implementation='sdpa' to 'eager'" in caplog.text
     assert student.config._attn_implementation == "eager"

@@ -67,6 +67,7 @@ def test_accelerate_configs_parse_and_name_their_backend():
         "single_gpu": "NO",
         "multi_gpu_ddp": "MULTI_GPU",
         "fsdp": "FSDP",
+        "fsdp2": "FSDP",
         "deepspeed_zero2": "DEEPSPEED",
         "deepspeed_zero3": "DEEPSPEED",
     }

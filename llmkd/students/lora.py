@@ -5,7 +5,7 @@ beside each frozen weight W, so the student starts as its base model and trains 
 QLoRA (Dettmers et al. 2023, arXiv 2305.14314) keeps the frozen base in 4-bit NormalFloat (NF4) and
 backpropagates through it into the adapters.
 
-As a `DistillationTrainer` student a `PeftModel` behaves like its base model (llmkd.alignment unwraps it for
+As a `DistillationTrainer` student a `PeftModel` behaves like its base model (llmkd.modeling unwraps it for
 task, config, forward keys and the output head); the trainer's checkpoints and final save write the adapter
 (`adapter_model.safetensors` + `adapter_config.json`), not the full model. `merge_and_save` writes a plain one.
 """

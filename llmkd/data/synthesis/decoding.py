@@ -12,6 +12,8 @@ import inspect
 import torch
 from transformers import DynamicCache
 
+from llmkd.data.collate import pad_rows
+
 
 def sample_batch(model, prompts, seeds, options, *, eos_ids, pad_id: int, store_topk: int = 0) -> list[dict]:
     """Continues every prompt (a list of token ids) with the model; one result dict per prompt.
@@ -100,14 +102,10 @@ def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: 
 
 
 def left_pad(prompts, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left padding keeps every row's last token in the last column, where the next token is read."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, prompt in enumerate(prompts):
-        ids[i, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-        mask[i, width - len(prompt) :] = 1
-    return ids.to(device), mask.to(device)
+    """Left padding keeps every row's last token in the last column, where the next token is read; positions
+    are given explicitly (from the mask), so a row's tokens keep positions 0..n-1 as in training."""
+    batch = pad_rows([{"input_ids": list(p)} for p in prompts], pad_id, side="left")
+    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
 
 
 def _forward(model, ids, mask, positions, cache) -> torch.Tensor:
@@ -152,10 +150,3 @@ def eos_token_ids(model, tokenizer) -> set[int]:
         ids = tokenizer.eos_token_id
     ids = [ids] if isinstance(ids, int) else list(ids or [])
     return {int(i) for i in ids}
-
-
-def pad_token_id(tokenizer, eos_ids) -> int:
-    """Any id works for padding (it is masked); prefer the tokenizer's pad, then an EOS, then 0."""
-    if tokenizer.pad_token_id is not None:
-        return int(tokenizer.pad_token_id)
-    return min(eos_ids) if eos_ids else 0

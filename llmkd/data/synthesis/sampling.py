@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from datasets import Dataset, Features, List, Value
 
+from llmkd.data.collate import padding_id
 from llmkd.data.synthesis.common import (
     GenerationOptions,
     check_choice,
@@ -24,7 +25,7 @@ from llmkd.data.synthesis.common import (
     option,
     tokenizer_identity,
 )
-from llmkd.data.synthesis.decoding import eos_token_ids, pad_token_id, sample_batch
+from llmkd.data.synthesis.decoding import eos_token_ids, sample_batch
 from llmkd.data.synthesis.io import (
     finished_dataset,
     open_run,
@@ -128,7 +129,7 @@ def sample_teacher(teacher, tokenizer, config: SamplingConfig) -> Dataset:
 
 def _producer(teacher, tokenizer, config: SamplingConfig, eos: set[int]):
     """produce(indices) for run_shards: decodes the indices batch by batch, yielding row dicts."""
-    pad = pad_token_id(tokenizer, eos)
+    pad = padding_id(tokenizer)
     if config.start == "chat_template":
         prefix = chat_template_prefix(tokenizer)
         if config.greedy_tokens or not config.do_sample:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from datasets import Dataset, Features, List, Value
 
+from llmkd.data.collate import DistillationCollator, padding_id
 from llmkd.data.synthesis import filters
 from llmkd.data.synthesis.common import (
     GenerationOptions,
@@ -27,7 +28,7 @@ from llmkd.data.synthesis.common import (
     option,
     tokenizer_identity,
 )
-from llmkd.data.synthesis.decoding import eos_token_ids, eval_mode, pad_token_id, sample_batch
+from llmkd.data.synthesis.decoding import eos_token_ids, eval_mode, sample_batch
 from llmkd.data.synthesis.io import (
     finished_dataset,
     open_run,
@@ -121,7 +122,7 @@ class ModelGenerator:
     def __init__(self, model, tokenizer, options):
         self.model, self.tokenizer, self.options = model, tokenizer, options
         self.eos = eos_token_ids(model, tokenizer)
-        self.pad = pad_token_id(tokenizer, self.eos)
+        self.pad = padding_id(tokenizer)
 
     def __call__(self, prompts: list[str], seeds: list[int]) -> list[str]:
         ids = [self.tokenizer(p)["input_ids"] for p in prompts]
@@ -292,15 +293,11 @@ def class_probs(model, tokenizer, rows, max_length: int, batch_size: int) -> tor
         for first in range(0, len(rows), batch_size):
             batch = rows[first : first + batch_size]
             pairs = [r["text_pair"] for r in batch] if "text_pair" in batch[0] else None
-            encoded = tokenizer(
-                [r["text"] for r in batch],
-                pairs,
-                truncation=True,
-                max_length=max_length,
-                padding=True,
-                return_tensors="pt",
-            ).to(device)
-            out.append(model(**encoded).logits.float().softmax(-1).cpu())
+            encoded = tokenizer([r["text"] for r in batch], pairs, truncation=True, max_length=max_length)
+            padded = DistillationCollator(tokenizer, config=model.config)(
+                [dict(zip(encoded, r)) for r in zip(*encoded.values())]
+            )
+            out.append(model(**{k: v.to(device) for k, v in padded.items()}).logits.float().softmax(-1).cpu())
     return torch.cat(out) if out else torch.empty(0)
 
 
