@@ -4,7 +4,7 @@
                                 [--ks 1 8 32 64 128] [--batch 8] [--length 128] [--steps 5] [--warmup 1]
                                 [--threads 1] [--out runs/bench/steps.json]
 
-Teacher: SmolLM2-135M-Instruct (llmkd.smollm2, 30 Llama layers, vocabulary 49,152) in float32; student: 4 of its
+Teacher: SmolLM2-135M-Instruct (llmkd.data.assets.smollm2, 30 Llama layers, vocabulary 49,152) in float32; student: 4 of its
 layers (0, 8, 16, 24; llmkd.models.student_from_teacher); text: Rotten Tomatoes sentences (make them with
 `llmkd data rotten-tomatoes runs/demo/data`).
 
