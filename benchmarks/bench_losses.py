@@ -16,18 +16,18 @@ live during the loss's forward + backward, counted from the start of the step (w
 the student/teacher logits for naive and chunked, the hidden states and head weights for fused), minus the
 gradients the step must return (d/d student logits for naive and chunked; d/d h_S and d/d W_S for fused).
 So it is what the loss needs beyond its inputs and outputs. (For naive this is a lower bound: its peak may
-come before its gradient exists.) It is measured exactly, from the allocator: on CPU from the profiler's
-allocation events (``torch.profiler`` with ``profile_memory=True``: every allocation and free of torch's CPU
-allocator with the running total it keeps), on CUDA from ``torch.cuda.max_memory_allocated``; each process
-first checks the measure on a tensor of known size. Library workspaces outside torch's allocator (BLAS,
-oneDNN) are not counted. "Left over" is what stays allocated after the step beyond the gradients (0 unless
-something leaks).
+come before its gradient exists.) It is measured exactly, from the allocator (:mod:`benchmarks.allocator`):
+on CPU from the profiler's allocation events (``torch.profiler`` with ``profile_memory=True``: every
+allocation and free of torch's CPU allocator with the running total it keeps), on CUDA from
+``torch.cuda.max_memory_allocated``; each process first checks the measure on a tensor of known size.
+Library workspaces outside torch's allocator (BLAS, oneDNN) are not counted. "Left over" is what stays
+allocated after the step beyond the gradients (0 unless something leaks).
 
 Times (median of ``--repeats``, unprofiled): ``loss`` is the loss forward + backward from the logits (naive,
 chunked); ``step`` is the whole step from the hidden states (the lm_head matmuls, the loss and backward
 into h_S and W_S: what the trainer pays), for every path; the fused path is only a step. On a shared CPU
 times move with the machine's load; ratios are side by side in one run. Each case runs in a fresh process.
-A case whose peak, estimated from per-(N, V) tensor counts measured with this module's measure at small N,
+A case whose peak, estimated from per-(N, V) tensor counts measured with the same measure at small N,
 exceeds ``--memory-budget-gib`` is skipped and says so; no ratio is ever estimated.
 """
 
@@ -35,21 +35,17 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import multiprocessing
-import os
 import statistics
-import tempfile
 import time
-from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.allocator import MIB, allocator_peak, check_measure
 from llmkd.atomic import write_json
 from llmkd.losses import chunked_logit_loss, fused_logit_distillation
 
@@ -62,7 +58,6 @@ DEFAULTS = {
 # (chunk, V) ones of the chunked/fused loss, as measured by allocator_peak (N = 512, V = 8192).
 NAIVE_PEAK_TENSORS = {"jsd": 13, "forward_kl": 5}
 CHUNK_PEAK_TENSORS = 4.5
-MIB = 2**20
 DEFINITION = (
     "peak extra = peak bytes allocated by torch and live during the loss's forward + backward, counted from "
     "the step's start (its inputs only: student/teacher logits for naive and chunked, hidden states + head "
@@ -112,52 +107,7 @@ def logit_loss(path: str, loss: str, student_logits, teacher_logits, mask, chunk
     return chunked_logit_loss(student_logits, teacher_logits, loss=loss, mask=mask, chunk_size=chunk_size)
 
 
-# measuring (in the child process) ----------------------------
-def allocator_peak(fn: Callable[[], object], device: str = "cpu") -> tuple[int, int]:
-    """(peak, end) bytes allocated by torch on ``device`` while ``fn()`` runs, relative to its start.
-
-    Exact, from the allocator: on CPU the profiler records every allocation and free of torch's CPU
-    allocator together with the running total it keeps (freed tensors that were allocated before the
-    call and not seen by any profiler are not subtracted, which can only overstate the peak); on CUDA the
-    caching allocator's own counters. ``fn``'s return value is dropped before ``end`` is read.
-    """
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before, torch.cuda.memory_allocated() - before
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    with tempfile.TemporaryDirectory() as folder:  # the chrome trace is the public record of the totals
-        path = os.path.join(folder, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as trace:
-            events = json.load(trace)["traceEvents"]
-    memory = [e["args"] for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0]
-    if not memory:
-        return 0, 0
-    start = memory[0]["Total Allocated"] - memory[0]["Bytes"]
-    end = memory[-1]["Total Allocated"] - start
-    if end != sum(e["Bytes"] for e in memory):  # out of order: the running total cannot be trusted
-        raise RuntimeError("profiler memory events out of order; cannot compute the peak")
-    return max(e["Total Allocated"] for e in memory) - start, end
-
-
-def check_measure(device: str = "cpu") -> None:
-    """Fails unless allocator_peak reports a known 3 MiB temporary next to a kept 1 MiB tensor exactly."""
-    kept = []
-
-    def known():
-        kept.append(torch.empty(MIB // 4, device=device))
-        torch.empty(3 * MIB // 4, device=device).fill_(1.0)
-
-    peak, end = allocator_peak(known, device)
-    if (peak, end) != (4 * MIB, MIB):
-        raise RuntimeError(f"allocator_peak measured ({peak}, {end}) bytes for a known (4 MiB, 1 MiB)")
-
-
+# measuring (in the child process; the measure is benchmarks.allocator) ---------
 def _make_inputs(case: dict) -> dict:
     device, dtype = torch.device(case["device"]), getattr(torch, case["dtype"])
     generator = torch.Generator(device).manual_seed(0)

@@ -171,3 +171,18 @@ def test_sdpa_is_switched_to_eager_with_a_warning(bert_pair, tmp_path, caplog):
     assert "switching the student from attn_implementation='sdpa' to 'eager'" in caplog.text
     assert student.config._attn_implementation == "eager"
     trainer.train()
+
+
+def test_classifier_pad_ids_must_agree(tmp_path):
+    """Batches are padded with the student's pad id; a decoder classifier teacher pools by its own."""
+    from conftest import llama_config
+    from transformers import LlamaForSequenceClassification
+
+    teacher = seeded(LlamaForSequenceClassification, llama_config(num_labels=2), 0)
+    config = llama_config(layers=2, num_labels=2)
+    config.pad_token_id = 3
+    student = seeded(LlamaForSequenceClassification, config, 1)
+    with pytest.raises(
+        ValueError, match="pad id mismatch: the student's config.pad_token_id=3, the teacher's 0"
+    ):
+        make_trainer(teacher, student, "lm", tmp_path, TERMS["logits"])

@@ -242,3 +242,16 @@ def test_best_checkpoint_direction_follows_the_metric(metric, greater, tmp_path)
     """transformers guesses "greater is better" unless the name ends with 'loss': wrong for llmkd's terms."""
     args = DistillationConfig(**training_settings(tmp_path, metric_for_best_model=metric))
     assert args.greater_is_better is greater
+
+
+def test_context_and_sequence_parallelism_are_refused(tmp_path):
+    """They shard every sequence; llmkd's terms, counts and teacher see whole ones."""
+    from types import SimpleNamespace
+
+    from llmkd.schemes.config import check_settings
+
+    args = DistillationConfig(**training_settings(tmp_path))
+    check_settings(args, {})  # the control: nothing to refuse
+    args.parallelism_config = SimpleNamespace(cp_enabled=True, sp_enabled=False)
+    with pytest.raises(ValueError, match="parallelism_config=.*context / sequence parallelism"):
+        check_settings(args, {})

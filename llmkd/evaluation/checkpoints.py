@@ -100,6 +100,14 @@ def measure_speed(model, batch_size: int = 1, seq_len: int = 128, repeats: int =
     return out | {"throughput": batch_size / median}
 
 
+def _cpu_speed(model, batch_size: int, seq_len: int, repeats: int, warmup: int) -> dict:
+    """The model moved to CPU: its latency at batch 1 and its throughput at `batch_size`, both at `seq_len`."""
+    model.to("cpu")
+    latency = measure_speed(model, 1, seq_len, repeats, warmup)
+    throughput = measure_speed(model, batch_size, seq_len, repeats, warmup)
+    return {"latency_ms": latency["latency_ms"], "throughput": throughput["throughput"]}
+
+
 def evaluate_model(model, tokenizer, data: dict, batch_size: int, max_length: int) -> tuple[dict, dict]:
     """(JSON-able entry, {task: predicted labels in the dataset's label space, splits concatenated})."""
     entry = {"params": sum(p.numel() for p in model.parameters()), "metrics": {}, "task_scores": {}}
@@ -186,10 +194,7 @@ def evaluate_checkpoints(
         )
         entry["source"] = description
         if speed_repeats > 0:
-            model.to("cpu")
-            latency = measure_speed(model, 1, speed_seq_len, speed_repeats, speed_warmup)
-            throughput = measure_speed(model, speed_batch_size, speed_seq_len, speed_repeats, speed_warmup)
-            entry |= {"latency_ms": latency["latency_ms"], "throughput": throughput["throughput"]}
+            entry |= _cpu_speed(model, speed_batch_size, speed_seq_len, speed_repeats, speed_warmup)
         models[name] = entry
         del model  # one model in memory at a time
     if reference is not None:

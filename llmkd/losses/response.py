@@ -8,7 +8,7 @@ either side has no distribution: its loss is 0 and so is its gradient. Every fun
 
 Reduction: the sum over V happens here; the trainer averages the per-position values over the supervised
 positions of the accumulation window (labels != -100), which is the "batchmean over label tokens" of the
-authors' code cited in each docstring (tests/test_losses_reference.py re-implements that code in float64).
+authors' code cited in each docstring (tests/test_losses_reference_response.py re-implements that code in float64).
 The T² of Hinton et al. is not applied here: ``LOSSES["logits"][name].soft_target`` tells the trainer to
 multiply by it. DistiLLM's code drops vocabulary entries that are ±inf on either side (``inf_mask``); where
 only one side is -inf, ours charges the floor above instead: the two agree unless an entry is -inf on one side

@@ -61,12 +61,9 @@ class KDTrainer(Trainer):
         self.terms = self.build_terms(args)
         setup.check_datasets(args, self.pair.task, kwargs.get("train_dataset"), kwargs.get("eval_dataset"))
         kwargs["data_collator"] = setup.collator(kwargs.get("data_collator"), self.pair)
-        with torch.random.fork_rng(devices=[]):  # adapters start from args.seed, whatever ran before
-            torch.manual_seed(args.seed)
-            adapters = {str(t.index): a for t in self.terms if (a := t.adapter()) is not None}
-        self.aux = AuxiliaryModules(
-            model, adapters
-        )  # before Trainer.__init__: moved, wrapped, optimised with it
+        self.aux = self._attach_auxiliary(
+            model, args.seed
+        )  # before Trainer.__init__: moved and wrapped with it
         setup.check_optimizer(kwargs.get("optimizers"), self.aux)
         super().__init__(model=model, args=args, **kwargs)
         if self.args.n_gpu > 1:
@@ -75,11 +72,18 @@ class KDTrainer(Trainer):
                 "GPU with `accelerate launch` or `torchrun`"
             )
         self.would_fuse = setup.decide_fused(self)
+        setup.warn_partial_settings(self.args)
         check_settings(self.args, setup.facts(self) | self.scheme_facts())
         self.source.place(self)
         self.tally = Tally()
         self._student_keys = forward_keys(model)
         self._counts = COUNTS | {k: f for t in self.terms for k, f in t.counts.items()}
+
+    def _attach_auxiliary(self, model, seed: int) -> AuxiliaryModules:
+        with torch.random.fork_rng(devices=[]):  # adapters start from the seed, whatever ran before
+            torch.manual_seed(seed)
+            adapters = {str(t.index): a for t in self.terms if (a := t.adapter()) is not None}
+        return AuxiliaryModules(model, adapters)
 
     # ---- hooks for schemes -------------------------------------------------------------------------
     def make_source(self, teacher):

@@ -152,6 +152,11 @@ TRAINING_ARGS_REFUSED = {
         "llmkd reads gold labels from the 'labels' column only (the collator renames 'label'); rename your "
         "label column to 'label' or 'labels' and drop label_names",
     ),
+    "parallelism_config": (
+        lambda v: v is not None and (getattr(v, "cp_enabled", False) or getattr(v, "sp_enabled", False)),
+        "context / sequence parallelism shards every sequence, but llmkd's terms, counts and teacher see whole "
+        "sequences; use data parallelism (DDP, FSDP, DeepSpeed ZeRO)",
+    ),
 }
 
 

@@ -31,8 +31,22 @@ def make_pair(student: nn.Module, source, args, student_tok, teacher_tok) -> Pai
     )
     if task == SEQ_CLS:
         check_labels(config, source.config.get_text_config())
+        _check_pad_ids(config, source)
     pair.vocab_rows = _vocab_rows(pair)
     return pair
+
+
+def _check_pad_ids(student_config, source) -> None:
+    """Batches are padded with the student's pad id, and decoder classifiers pool the last token that is not
+    their own pad id: a teacher reading those batches with another pad id would pool a padded slot."""
+    if not isinstance(source, LiveTeacher) or source.input_prefix:
+        return
+    ids = (getattr(student_config, "pad_token_id", None), getattr(source.config, "pad_token_id", None))
+    if None not in ids and ids[0] != ids[1]:
+        raise ValueError(
+            f"pad id mismatch: the student's config.pad_token_id={ids[0]}, the teacher's {ids[1]}; classifiers "
+            "that pool their last token find it by the pad id, so set the student's pad_token_id to the teacher's"
+        )
 
 
 def _vocab_rows(pair: Pair) -> int | None:
@@ -194,3 +208,13 @@ def decide_fused(trainer) -> bool:
     for term in logit_terms:
         term.fused = bool(trainer.args.fused_logits)
     return True
+
+
+def warn_partial_settings(args) -> None:
+    """Settings that take effect only in part under llmkd: said once, before training."""
+    if args.use_liger_kernel:  # its fused linear + cross-entropy needs labels in the student's forward
+        logger.warning(
+            "use_liger_kernel: Liger's kernels patch the student (RMSNorm, RoPE, SwiGLU), but its fused "
+            "cross-entropy never runs, because llmkd computes the loss itself; fused_logits is llmkd's own "
+            "memory-lean logit path"
+        )

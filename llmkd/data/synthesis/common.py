@@ -7,6 +7,10 @@ import hashlib
 import math
 from dataclasses import dataclass, field
 
+from torch import nn
+
+from llmkd.content import teacher_key
+
 SEEDING = (
     "Every sample i draws from its own torch.Generator seeded with derive_seed(seed, i, stream) = the first 8 "
     "bytes of SHA-256('llmkd:<stream>:<seed>:<i>') (little-endian, 63 bits); streams: 'start' (random start "
@@ -180,7 +184,11 @@ def decoding_record(options: GenerationOptions) -> dict:
 
 
 def model_identity(model) -> dict:
-    """Name, Hub revision and class of a model (or the name of a plain callable)."""
+    """Name, Hub revision, class and a hash of the weights in memory of a model (or the name of a plain callable).
+
+    The weights hash catches a model changed after it was loaded (or built in memory), which its folder's content
+    key cannot see; it costs one pass over the parameters (about 0.2 s for a 135M model in bf16).
+    """
     config = getattr(model, "config", None)
     if config is None:
         return {"callable": getattr(model, "__qualname__", type(model).__qualname__)}
@@ -188,6 +196,7 @@ def model_identity(model) -> dict:
         "name_or_path": getattr(config, "_name_or_path", None) or None,
         "revision": getattr(config, "_commit_hash", None),
         "class": type(model).__name__,
+        "weights": teacher_key(model) if isinstance(model, nn.Module) else None,
     }
 
 

@@ -9,7 +9,8 @@ Layout of output_dir:
 
 A shard is written to a temporary file and renamed, and only then recorded in progress.json; a run killed in
 between rewrites the same shard (same sample indices, same per-sample seeds, same rows), so nothing is ever
-duplicated or skipped.
+duplicated or skipped. The shard files themselves are written, read back and checked by
+llmkd.data.synthesis.shards; this module keeps the run's progress records, the merge and the final dataset.
 
 Under N processes (torchrun / accelerate launch, torch.distributed initialised), process r writes shards
 r, r + N, r + 2N, ... and records them in progress-rank-0000r.json; after a barrier the main process merges
@@ -36,15 +37,12 @@ from llmkd import __version__
 from llmkd.atomic import write_json
 from llmkd.content import content_keyed
 from llmkd.data.synthesis.common import SEEDING
+from llmkd.data.synthesis.shards import fill_shard, fit_rows, read_rows, write_shard
 
 logger = logging.getLogger(__name__)
 PROGRESS = "progress.json"
 PROVENANCE = "provenance.json"
 DATASET = "dataset"
-
-
-def shard_path(output_dir: str, index: int) -> str:
-    return os.path.join(output_dir, f"shard-{index:05d}.jsonl")
 
 
 def process_group() -> tuple[int, int]:
@@ -204,7 +202,7 @@ def run_shards(
             first = index * shard_size
             last = first + shard_size if num_samples is None else min(first + shard_size, num_samples)
             budget = None if max_total_tokens is None else max_total_tokens - progress["tokens"]
-            rows, tokens, exhausted = _fill_shard(produce(range(first, last)), budget, counter, bar, meter)
+            rows, tokens, exhausted = fill_shard(produce(range(first, last)), budget, counter, bar, meter)
             progress["complete"] = exhausted or last == num_samples
             _store_shard(
                 output_dir, progress, (index, first, rows, tokens), os.path.join(output_dir, PROGRESS)
@@ -217,7 +215,7 @@ def run_shards(
 def _store_shard(output_dir: str, progress: dict, shard: tuple, progress_path: str) -> None:
     """Writes one shard's rows, then records it in `progress` (saved to progress_path): the shard exists first."""
     index, first, rows, tokens = shard
-    _write_shard(output_dir, index, rows)
+    write_shard(output_dir, index, rows)
     progress["shards"].append({"index": index, "first": first, "rows": len(rows), "tokens": tokens})
     progress["rows"] += len(rows)
     progress["tokens"] += tokens
@@ -259,7 +257,7 @@ def _run_rank_shards(
     try:
         for index in mine:
             first, last = index * shard_size, min(index * shard_size + shard_size, num_samples)
-            rows, tokens, _ = _fill_shard(produce(range(first, last)), None, counter, bar, meter)
+            rows, tokens, _ = fill_shard(produce(range(first, last)), None, counter, bar, meter)
             _store_shard(output_dir, progress, (index, first, rows, tokens), _rank_path(output_dir, rank))
     finally:
         bar.close()
@@ -291,7 +289,7 @@ def _merge(output_dir, fingerprint, total, max_total_tokens, counter, world) -> 
     for shard in shards[:total]:
         record = shard | {"written": shard.get("written", shard["rows"])}
         if max_total_tokens is not None:
-            kept, record["tokens"] = _fit(
+            kept, record["tokens"] = fit_rows(
                 read_rows(output_dir, {"shards": [shard]}), max_total_tokens - used, counter
             )
             record["rows"] = kept
@@ -305,71 +303,6 @@ def _merge(output_dir, fingerprint, total, max_total_tokens, counter, world) -> 
         "tokens": used,
     }
     write_json(os.path.join(output_dir, PROGRESS), progress | {"complete": True, "world_size": world})
-
-
-def _fit(rows: list[dict], budget: int, counter) -> tuple[int, int]:
-    kept = tokens = 0
-    for row in rows:
-        if tokens + counter(row) > budget:
-            break
-        kept, tokens = kept + 1, tokens + counter(row)
-    return kept, tokens
-
-
-def _fill_shard(batches, budget, counter, bar, meter) -> tuple[list[dict], int, bool]:
-    rows, tokens, exhausted = [], 0, False
-    for batch in batches:
-        for row in batch:
-            needed = counter(row)
-            if budget is not None and tokens + needed > budget:
-                exhausted = True
-                break
-            rows.append(row)
-            tokens += needed
-        _tick(bar, meter, len(batch), sum(counter(r) for r in batch))
-        # Every row has at least one token, so a spent budget cannot take another row.
-        if exhausted or (budget is not None and tokens >= budget):
-            return rows, tokens, True
-    return rows, tokens, False
-
-
-def _tick(bar, meter, rows: int, tokens: int) -> None:
-    meter["rows"] += rows
-    meter["tokens"] += tokens
-    elapsed = max(time.perf_counter() - meter["start"], 1e-9)
-    bar.update(rows)
-    bar.set_postfix(
-        samples_per_s=f"{meter['rows'] / elapsed:.2f}", tokens_per_s=f"{meter['tokens'] / elapsed:.1f}"
-    )
-
-
-def _write_shard(output_dir: str, index: int, rows: list[dict]) -> None:
-    path = shard_path(output_dir, index)
-    with open(path + ".tmp", "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
-    os.replace(path + ".tmp", path)
-
-
-def read_rows(output_dir: str, progress: dict) -> list[dict]:
-    """Every row of the recorded shards, in sample-index order; a damaged folder fails loudly."""
-    rows = []
-    for shard in progress["shards"]:
-        with open(shard_path(output_dir, shard["index"]), encoding="utf-8") as handle:
-            shard_rows = [json.loads(line) for line in handle if line.strip()]
-        written = shard.get("written", shard["rows"])  # a merge may keep only a prefix (token budget)
-        if len(shard_rows) != written:
-            raise ValueError(
-                f"{shard_path(output_dir, shard['index'])} has {len(shard_rows)} rows, progress.json says "
-                f"{written}; the folder was modified, start again in a new output_dir"
-            )
-        rows.extend(shard_rows[: shard["rows"]])
-    indices = [row["sample_index"] for row in rows]
-    if any(b <= a for a, b in zip(indices, indices[1:])):
-        raise ValueError(
-            f"sample indices in {output_dir} are not strictly increasing: duplicated or reordered rows"
-        )
-    return rows
 
 
 def finished_dataset(output_dir: str, progress: dict):

@@ -259,6 +259,20 @@ def _check_head(hidden: Tensor, weight: Tensor, bias: Tensor | None, side: str) 
         raise ValueError(f"{side} head bias {tuple(bias.shape)} should be ({weight.shape[0]},)")
 
 
+def _check_heads(student: tuple, teacher: tuple) -> None:
+    """Each side's (hidden states, head weight, head bias) fit together, and both sides share positions and
+    vocabulary."""
+    _check_head(*student, "student")
+    _check_head(*teacher, "teacher")
+    (student_hidden, student_head_weight, _), (teacher_hidden, teacher_head_weight, _) = student, teacher
+    if len(student_hidden) != len(teacher_hidden) or len(student_head_weight) != len(teacher_head_weight):
+        raise ValueError(
+            f"student ({len(student_hidden)} positions, vocab {len(student_head_weight)}) and teacher "
+            f"({len(teacher_hidden)} positions, vocab {len(teacher_head_weight)}) differ; use the same "
+            "positions and slice both heads to the shared vocabulary rows"
+        )
+
+
 def fused_logit_distillation(
     student_hidden: Tensor,
     student_head_weight: Tensor,
@@ -292,14 +306,9 @@ def fused_logit_distillation(
     """
     _check_chunk_size(chunk_size)
     loss_fn = _loss_fn(loss)
-    _check_head(student_hidden, student_head_weight, student_head_bias, "student")
-    _check_head(teacher_hidden, teacher_head_weight, teacher_head_bias, "teacher")
-    if len(student_hidden) != len(teacher_hidden) or len(student_head_weight) != len(teacher_head_weight):
-        raise ValueError(
-            f"student ({len(student_hidden)} positions, vocab {len(student_head_weight)}) and teacher "
-            f"({len(teacher_hidden)} positions, vocab {len(teacher_head_weight)}) differ; use the same "
-            "positions and slice both heads to the shared vocabulary rows"
-        )
+    student = (student_hidden, student_head_weight, student_head_bias)
+    teacher = (teacher_hidden, teacher_head_weight, teacher_head_bias)
+    _check_heads(student, teacher)
     empty = student_hidden.new_zeros(0, len(student_head_weight))
     _validate(loss_fn, empty, empty, temperature, params)
     flat_mask = _flat_mask(mask, len(student_hidden), student_hidden.device)
@@ -308,9 +317,7 @@ def fused_logit_distillation(
         grad_on and tensor is not None and tensor.requires_grad
         for tensor in (student_hidden, student_head_weight, student_head_bias)
     )
-    teacher = (
-        t if t is None else t.detach() for t in (teacher_hidden, teacher_head_weight, teacher_head_bias)
-    )
+    teacher = (t if t is None else t.detach() for t in teacher)  # the frozen side gets no gradient
     return _FusedLogitDistillation.apply(
         student_hidden,
         student_head_weight,

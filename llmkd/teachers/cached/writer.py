@@ -27,7 +27,7 @@ from safetensors.torch import save
 
 from llmkd import modeling as A
 from llmkd.atomic import atomic_write, write_json
-from llmkd.data.collate import pad_rows
+from llmkd.data.collate import pad_rows, padding_id
 from llmkd.losses.bucketed import rest_log_mass
 from llmkd.teachers.cached import fingerprint as F
 
@@ -127,7 +127,9 @@ def write_cache(
         if not _finished(path, key, rows):
             logger.info("teacher cache: shard %d, rows %d..%d of %d", index, rows[0], rows[1], start)
             settings = (task, k, temperature, value_dtype, batch_size)
-            tensors = _shard_tensors(teacher, _rows(splits, bounds, *rows), *settings)
+            tensors = _shard_tensors(
+                teacher, _rows(splits, bounds, *rows, A.forward_keys(teacher)), *settings
+            )
             meta = {"fingerprint": key, "rows": f"{rows[0]},{rows[1]}"}
             atomic_write(path, lambda handle, t=tensors, m=meta: handle.write(save(t, m)), "wb")
         shards.append(_shard_entry(path, rows, task))
@@ -171,14 +173,15 @@ def _finished(path: str, key: str, rows: tuple[int, int]) -> bool:
     return meta.get("fingerprint") == key and meta.get("rows") == f"{rows[0]},{rows[1]}"
 
 
-def _rows(splits: dict, bounds: dict, start: int, stop: int) -> list[dict]:
-    """Global rows [start, stop) as dicts of token lists (input_ids [, token_type_ids])."""
+def _rows(splits: dict, bounds: dict, start: int, stop: int, inputs: set[str]) -> list[dict]:
+    """Global rows [start, stop) as dicts of the model-input columns the teacher reads (all of them are in the
+    cache's data key, so every one that changes the teacher's outputs reaches the teacher)."""
     out = []
     for name, (lo, hi) in bounds.items():
         a, b = max(start, lo), min(stop, hi)
         if a < b:
             data = splits[name]
-            columns = [c for c in ("input_ids", "token_type_ids") if c in data.column_names]
+            columns = [c for c in F.MODEL_INPUTS if c in data.column_names and c in inputs]
             chunk = data.select_columns(columns)[a - lo : b - lo]
             out += [dict(zip(chunk, values)) for values in zip(*chunk.values())]
     return out
@@ -192,7 +195,8 @@ def _shard_tensors(teacher, rows, task, k, temperature, value_dtype, batch_size)
     per_row = [None] * len(rows)
     for i in range(0, len(order), batch_size):
         members = order[i : i + batch_size]
-        batch = pad_rows([rows[m] for m in members], pad_id=0)  # padded slots are masked: any id works
+        # The teacher's own pad id: decoder classifiers pool the last token that is not it.
+        batch = pad_rows([rows[m] for m in members], padding_id(None, A.base_model(teacher).config))
         logits = teacher(**{k: v.to(device) for k, v in batch.items()}).logits
         if task == A.SEQ_CLS:
             for j, m in enumerate(members):
