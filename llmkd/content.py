@@ -165,7 +165,9 @@ def teacher_key(teacher, revision: str | None = None) -> str:
       tag or commit; default main) and hashed the same way: 'hub:<id>@<revision>#<hash>'. When no snapshot
       with weights is cached here (e.g. a training machine without the teacher), 'hub:<id>@<revision>#'
       + UNRESOLVED: only the name is known, and `check_components` says so when it accepts such a key;
-    - a module in memory: 'weights:' + SHA-256 of every parameter and buffer (names, dtypes, bytes).
+    - a module in memory: 'weights:' + SHA-256 of every parameter and buffer (names, dtypes, bytes) and of its
+      config (everything that shapes the computation: rope_theta, the attention implementation, …; not the
+      bookkeeping fields `_name_or_path`, `_commit_hash`, `transformers_version`).
     """
     if isinstance(teacher, (str, os.PathLike)):
         path = os.fspath(teacher)
@@ -184,7 +186,20 @@ def teacher_key(teacher, revision: str | None = None) -> str:
         digest.update(name.encode())
         digest.update(str(tensor.dtype).encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    digest.update(_config_json(teacher).encode())
     return "weights:" + digest.hexdigest()
+
+
+def _config_json(model) -> str:
+    """The model's config as canonical JSON, without the fields that name it rather than shape its outputs."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return ""
+    values = json.loads(config.to_json_string(use_diff=False))
+    for key in ("_name_or_path", "_commit_hash", "transformers_version"):
+        values.pop(key, None)
+    values["_attn_implementation"] = getattr(config, "_attn_implementation", None)
+    return json.dumps(values, sort_keys=True, default=str)
 
 
 def tokenizer_key(tokenizer) -> str:

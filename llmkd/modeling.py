@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 
+import torch
 from torch import nn
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
@@ -67,3 +68,31 @@ def forward_keys(model: nn.Module) -> set[str]:
 
 def select_inputs(inputs: dict, keys: set[str]) -> dict:
     return {k: v for k, v in inputs.items() if k in keys}
+
+
+@torch.no_grad()
+def is_causal(model: nn.Module) -> bool:
+    """Whether the first position's last hidden state ignores the tokens after it (a decoder), measured on one
+    tiny forward: two 3-token inputs that differ only in their last token, one at a time (a classifier without a pad
+    id refuses batches). Decoder *classifiers* are causal too, which the task alone cannot tell. Encoder-decoder
+    models are not: their encoder reads every token."""
+    if is_encoder_decoder(model):
+        return False
+    base = base_model(model)
+    vocab = int(text_config(model).vocab_size)
+    device = next(base.parameters()).device
+    was_training = base.training
+    base.eval()
+    try:
+        firsts = []
+        for last in (3, 4):
+            ids = torch.tensor([[1, 2, last]], device=device) % vocab
+            out = base(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
+            firsts.append(out.hidden_states[-1][0, 0])
+    finally:
+        base.train(was_training)
+    return bool(torch.allclose(firsts[0], firsts[1]))
+
+
+def is_encoder_decoder(model: nn.Module) -> bool:
+    return bool(getattr(base_model(model).config, "is_encoder_decoder", False))

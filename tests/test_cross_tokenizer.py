@@ -365,7 +365,7 @@ def test_config_validation(kw, message):
 def test_trainer_refuses_single_stream_data(tmp_path):
     teacher, student = pair_models()
     plain = Dataset.from_dict({"input_ids": [[4, 7, 8]], "attention_mask": [[1, 1, 1]]})
-    with pytest.raises(ValueError, match="no teacher_input_ids.*tokenize_pairs"):
+    with pytest.raises(ValueError, match=r"has no \[.teacher_input_ids.*tokenize_pairs"):
         make_uld_trainer(teacher, student, tmp_path, plain)
 
 

@@ -115,7 +115,8 @@ def test_one_term_logged_equals_the_logged_loss_under_uneven_accumulation(llama_
 
 
 def test_training_metrics_equal_llmkd_eval_in_the_datasets_label_space(tmp_path):
-    """MRPC (F1 of the 'equivalent' class) with a teacher whose class order is the reverse of the dataset's."""
+    """MRPC (F1 of the 'equivalent' class) with a teacher whose class order is the reverse of the dataset's, and
+    inputs cut to 8 tokens in training: `llmkd eval` reads that length off the saved checkpoint."""
     teacher_dir, data_dir = tmp_path / "teacher", tmp_path / "data"
     names = {0: "equivalent", 1: "not_equivalent"}  # the Hub dataset's order is the reverse
     config = bert_config(layers=4, id2label=names, label2id={v: k for k, v in names.items()})
@@ -131,7 +132,7 @@ def test_training_metrics_equal_llmkd_eval_in_the_datasets_label_space(tmp_path)
         "teacher": str(teacher_dir), "student_layers": [0, 3], "glue_task": "mrpc", "data_dir": str(data_dir),
         "terms": TERMS[:1], "output_dir": str(tmp_path / "student"), "max_steps": 4, "learning_rate": 0.01,
         "per_device_train_batch_size": 8, "per_device_eval_batch_size": 5, "eval_strategy": "no",
-        "save_strategy": "no", "report_to": "none", "use_cpu": True, "seed": 0,
+        "save_strategy": "no", "report_to": "none", "use_cpu": True, "seed": 0, "max_length": 8,
     }))  # fmt: skip
     trained = distill(str(recipe))["eval"]
     report = evaluate_checkpoints(
@@ -148,7 +149,7 @@ def test_training_metrics_equal_llmkd_eval_in_the_datasets_label_space(tmp_path)
     # Control: scored in the model's label space (the old rule), F1 is the other class's.
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "student")
     validation = load_validation("mrpc", data_dir=str(data_dir))["validation"]
-    logits = predict_logits(model.eval(), make_tokenizer("bert"), validation, "mrpc", 7, 128)
+    logits = predict_logits(model.eval(), make_tokenizer("bert"), validation, "mrpc", 7, 8)
     model_space = [1 - y for y in validation["label"]]  # the data remapped to the reversed class order
     assert compute_metrics("mrpc", logits, model_space)["f1"] != pytest.approx(trained["eval_f1"], abs=1e-3)
 

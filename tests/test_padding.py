@@ -27,6 +27,7 @@ from transformers import (
 from llmkd import DistillationConfig, DistillationTrainer
 from llmkd.knowledge.attention import AttentionKnowledge
 from llmkd.knowledge.relation import pool
+from llmkd.modeling import is_causal
 from llmkd.schemes.tally import per_example_sums
 
 TERMS = {
@@ -164,7 +165,10 @@ def test_task_loss_and_counts_are_padding_invariant(family, side, tmp_path):
 def test_relation_inputs_are_the_examples_pooled_alone(family, side, tmp_path):
     """A relation loss mixes a batch's examples by nature; what must not depend on padding is each pooled vector."""
     trainer, features = make(family, "logits", "hf", side, False, tmp_path)
-    causal = FAMILIES[family][2]
+    causal = is_causal(
+        trainer.teacher
+    )  # decoder classifiers pool like decoders: their first token saw nothing
+    assert causal is (family != "bert-cls")
 
     def pooled(rows):
         batch = trainer._prepare_inputs(trainer.data_collator(rows))

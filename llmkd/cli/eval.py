@@ -25,7 +25,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--reference", help="checkpoint to compare with (default: teacher, else the first)")
     parser.add_argument("--max_eval_samples", type=int, help="the first N validation examples of each split")
     parser.add_argument("--batch_size", type=int, default=32, help="evaluation batch size")
-    parser.add_argument("--max_length", type=int, default=128, help="truncate inputs to this many tokens")
+    parser.add_argument(
+        "--max_length",
+        type=int,
+        default=None,
+        help="truncate inputs to this many tokens (default: each checkpoint's own, as trained; else 128)",
+    )
     parser.add_argument(
         "--speed_repeats", type=int, default=10, help="timed passes per speed figure; 0: skip"
     )

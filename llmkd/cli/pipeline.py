@@ -284,11 +284,15 @@ def finetune(config_path: str, overrides: list[str] = ()) -> dict:
         processing_class=tokenizer,
         compute_metrics=metrics_for(run, SEQ_CLS, model.config),
     )
+    tokenizer.model_max_length = run.max_length  # saved with the checkpoint: `llmkd eval` cuts inputs alike
     return train_and_report(trainer, args, {"model": run.model, "size": describe(model)})
 
 
 def train_and_report(trainer, args, report: dict, run=None) -> dict:
     """Train (resuming if asked), save the plain model, evaluate, and write llmkd_report.json atomically."""
+    if trainer.processing_class is not None and run is not None:
+        # Saved with the checkpoint: `llmkd eval` then cuts inputs as training did.
+        trainer.processing_class.model_max_length = run.max_length
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model()
     report["train"] = result.metrics | {"world_size": args.world_size}

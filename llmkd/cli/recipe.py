@@ -236,10 +236,26 @@ def split_config(
         hints = {k: difflib.get_close_matches(k, run_keys | train_keys, n=1) for k in unknown}
         described = [f"{k} (did you mean {h[0]}?)" if h else k for k, h in hints.items()]
         raise ValueError("unknown config keys: " + ", ".join(described))
+    defaults = {f.name: f.default for cls in (run_cls, args_cls) for f in dataclasses.fields(cls)}
+    values = {k: _coerce(k, v, defaults.get(k)) for k, v in values.items()}
     train_values = {k: v for k, v in values.items() if k in train_keys}
     train_values.setdefault("output_dir", default_output_dir)
     run = run_cls(**{k: v for k, v in values.items() if k in run_keys})
     return run, args_cls(**train_values)
+
+
+def _coerce(key: str, value, default):
+    """A YAML value for a numeric field: '1e-4' or "0.5" (quoted) -> float, 4.0 -> 4 for an int field; a boolean
+    for a number is refused (true would silently be 1). The dataclass then checks the value itself."""
+    if not isinstance(default, (int, float)) or isinstance(default, bool):
+        return value
+    if isinstance(value, bool):
+        raise ValueError(f"{key} must be a number, got {value!r}")
+    if isinstance(value, str) and re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", value):
+        value = float(value)
+    if isinstance(default, int) and isinstance(value, float) and value.is_integer():
+        return int(value)  # not a non-integral float: some int fields take ratios too (warmup_steps: 0.1)
+    return value
 
 
 def read_yaml(path: str) -> dict:

@@ -181,7 +181,8 @@ class RightPadded:
         if self.pad_id is not None and "attention_mask" in batch and "input_ids" in batch:
             batch["input_ids"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, self.pad_id)
         inner = self.collator
-        plain_lm = isinstance(inner, DataCollatorForLanguageModeling) and not inner.mlm
+        # Exactly transformers' class: a subclass may mask labels on purpose (a completion-only loss).
+        plain_lm = type(inner) is DataCollatorForLanguageModeling and not inner.mlm
         if plain_lm and "labels" in batch and "attention_mask" in batch:
             batch["labels"] = lm_labels(batch["input_ids"], batch["attention_mask"])
         return batch

@@ -108,7 +108,16 @@ def _cpu_speed(model, batch_size: int, seq_len: int, repeats: int, warmup: int) 
     return {"latency_ms": latency["latency_ms"], "throughput": throughput["throughput"]}
 
 
-def evaluate_model(model, tokenizer, data: dict, batch_size: int, max_length: int) -> tuple[dict, dict]:
+def trained_length(tokenizer, default: int = 128) -> int:
+    """The input length a checkpoint was trained with: llmkd saves it as its tokenizer's model_max_length (a
+    tokenizer without a real limit reports a huge sentinel: then `default`)."""
+    length = getattr(tokenizer, "model_max_length", None)
+    return int(length) if isinstance(length, int) and 0 < length < 1_000_000 else default
+
+
+def evaluate_model(
+    model, tokenizer, data: dict, batch_size: int, max_length: int | None
+) -> tuple[dict, dict]:
     """(JSON-able entry, {task: predicted labels in the dataset's label space, splits concatenated})."""
     entry = {"params": sum(p.numel() for p in model.parameters()), "metrics": {}, "task_scores": {}}
     entry["label_mapping"], predictions = {}, {}
@@ -119,7 +128,10 @@ def evaluate_model(model, tokenizer, data: dict, batch_size: int, max_length: in
         entry["metrics"][task], per_split = {}, []
         for split, dataset in splits.items():
             logits = to_dataset_order(
-                predict_logits(model, tokenizer, dataset, task, batch_size, max_length), mapping
+                predict_logits(
+                    model, tokenizer, dataset, task, batch_size, max_length or trained_length(tokenizer)
+                ),
+                mapping,
             )
             entry["metrics"][task][split] = compute_metrics(task, logits, dataset["label"])
             per_split.append(predicted_labels(task, logits))
@@ -163,7 +175,7 @@ def evaluate_checkpoints(
     *,
     data_dir: str | None = None,
     batch_size: int = 32,
-    max_length: int = 128,
+    max_length: int | None = None,
     max_eval_samples: int | None = None,
     reference: str | None = "teacher",
     device: str | None = None,
@@ -177,7 +189,9 @@ def evaluate_checkpoints(
     `checkpoints` maps a display name to a directory (AutoModelForSequenceClassification; its tokenizer is
     loaded from there unless `tokenizer` is given) or an in-memory model. `data` is a DatasetDict (one task),
     {task: DatasetDict}, a callable task -> DatasetDict, or None to read `data_dir` (or the Hub) with load_glue.
-    Speed is measured on CPU: latency at batch 1, throughput at `speed_batch_size`, both at `speed_seq_len`;
+    Inputs are cut to `max_length` tokens, or by default to each checkpoint's trained length (`trained_length`), so
+    scores equal the evaluation during training. Speed is measured on CPU: latency at batch 1, throughput at
+    `speed_batch_size`, both at `speed_seq_len`;
     `speed_repeats=0` skips it. Every model is compared with `reference` (None: no comparison).
     """
     tasks = resolve_tasks(task)

@@ -62,11 +62,7 @@ def make_compute_metrics(task: str | GlueTask, mapping: Mapping[int, int] | None
     inverse = {model: data for data, model in (mapping or {}).items()}
 
     def _compute(eval_prediction) -> dict[str, float]:
-        predictions = eval_prediction.predictions
-        # Models that also return hidden states or attentions give a tuple with the logits first.
-        if isinstance(predictions, tuple):
-            predictions = predictions[0]
-        labels = np.asarray(eval_prediction.label_ids)
+        predictions, labels = _arrays(eval_prediction)
         if mapping:
             predictions = to_dataset_order(predictions, mapping)
             labels = np.array([inverse.get(int(y), int(y)) if y >= 0 else int(y) for y in labels])
@@ -77,10 +73,18 @@ def make_compute_metrics(task: str | GlueTask, mapping: Mapping[int, int] | None
 
 def accuracy(eval_prediction) -> dict[str, float]:
     """Accuracy of argmax predictions, for classifiers outside the GLUE table (their labels are the model's)."""
-    predictions = eval_prediction.predictions
-    predictions = predictions[0] if isinstance(predictions, tuple) else predictions
-    return {
-        "accuracy": METRICS["accuracy"](
-            np.argmax(predictions, axis=-1), np.asarray(eval_prediction.label_ids)
-        )
-    }
+    predictions, labels = _arrays(eval_prediction)
+    return {"accuracy": METRICS["accuracy"](np.argmax(predictions, axis=-1), labels)}
+
+
+def _arrays(eval_prediction) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, labels) as arrays: models that return hidden states too give a tuple with the logits first, and
+    eval_do_concat_batches=False gives lists of per-batch arrays."""
+    predictions, labels = eval_prediction.predictions, eval_prediction.label_ids
+    if isinstance(predictions, tuple):
+        predictions = predictions[0]
+    if isinstance(predictions, list):
+        predictions = np.concatenate([p[0] if isinstance(p, tuple) else p for p in predictions])
+    if isinstance(labels, list):
+        labels = np.concatenate(labels)
+    return np.asarray(predictions), np.asarray(labels)

@@ -10,7 +10,9 @@ they follow the student's device and dtype. Three things keep them out of the re
   (FSDP/DeepSpeed checkpoints hold them inside the engine's own state, which their resume restores);
 - the hook does nothing unless a trainer asked for it (`AuxiliaryModules.run`), so the student used on its own
   computes exactly what it computed before;
-- ``describe``/parameter counts of the student skip them (`student_parameters`).
+- ``describe``/parameter counts of the student skip them (`student_parameters`), any export of the student's
+  state honours ``_keys_to_ignore_on_save`` as ``save_pretrained`` does, and a new trainer given the same
+  student first removes what an earlier one attached (`detach`).
 
 The idea of wrapping loss-side modules with the student so that the engine sees them follows torchdistill
 (Matsubara 2021, "torchdistill: A Modular, Configuration-Driven Framework for Knowledge Distillation").
@@ -32,7 +34,6 @@ from llmkd.atomic import atomic_write
 
 AUX = "llmkd_aux"
 AUX_FILE = "llmkd_aux.safetensors"
-LEGACY_FILE = "llmkd_projectors.safetensors"  # checkpoints written before the auxiliary modules existed
 
 
 class AuxiliaryModules:
@@ -42,6 +43,7 @@ class AuxiliaryModules:
         self.owner = owner
         self.modules = nn.ModuleDict(modules)
         self._pending: Callable | None = None
+        detach(owner)  # a student trained before carries the modules of its previous trainer: not this run's
         if not modules:
             return
         reference = next((p for p in owner.parameters() if p.is_floating_point()), None)
@@ -49,7 +51,7 @@ class AuxiliaryModules:
             self.modules.to(device=reference.device, dtype=reference.dtype)
         owner.add_module(AUX, self.modules)
         _hide_from_saves(owner, {f"{AUX}.{k}" for k in self.modules.state_dict()})
-        owner.register_forward_hook(self._hook)
+        owner._llmkd_aux_hook = owner.register_forward_hook(self._hook)
 
     def __len__(self) -> int:
         return len(self.modules)
@@ -83,11 +85,10 @@ class AuxiliaryModules:
         atomic_write(os.path.join(folder, AUX_FILE), lambda handle: handle.write(save(state)), "wb")
 
     def load(self, folder: str, device) -> None:
-        for name in (AUX_FILE, LEGACY_FILE):
-            path = os.path.join(folder, name)
-            if os.path.isfile(path):
-                self.modules.load_state_dict(load_file(path, device=str(device)))
-                return
+        path = os.path.join(folder, AUX_FILE)
+        if os.path.isfile(path):
+            self.modules.load_state_dict(load_file(path, device=str(device)))
+            return
         raise FileNotFoundError(
             f"{os.path.join(folder, AUX_FILE)} is missing: this checkpoint has no weights for the auxiliary modules "
             f"({', '.join(self.modules)}, e.g. projectors) to resume from"
@@ -100,6 +101,19 @@ def _with_aux(cls: type) -> type:
     return dataclasses.make_dataclass(
         f"{cls.__name__}WithAux", [(AUX, Any, dataclasses.field(default=None))], bases=(cls,)
     )
+
+
+def detach(owner: nn.Module) -> None:
+    """Removes the auxiliary modules (and their hook) a previous trainer attached to `owner`; the student is then
+    exactly the model it was before."""
+    hook = getattr(owner, "_llmkd_aux_hook", None)
+    if hook is not None:
+        hook.remove()
+        del owner._llmkd_aux_hook
+    if AUX in owner._modules:
+        del owner._modules[AUX]
+        ignored = getattr(owner, "_keys_to_ignore_on_save", None) or ()
+        owner._keys_to_ignore_on_save = {k for k in ignored if not k.startswith(f"{AUX}.")}
 
 
 def _hide_from_saves(owner: nn.Module, keys: set[str]) -> None:

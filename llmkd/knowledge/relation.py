@@ -2,7 +2,8 @@
 
 Park et al. 2019 (RKD, arXiv 1904.05068); Tung & Mori 2019 (SP, arXiv 1907.09682); Passalis & Tefas 2018
 (PKT, arXiv 1803.10837). Each example is pooled to one vector: its first token for encoders ([CLS]), the mean
-of its real tokens for decoders (a causal model's first token has seen nothing else). A relation loss is one
+of its real tokens for decoders, classifiers included (a causal model's first token has seen nothing else; which
+one a model is, is measured by `llmkd.modeling.is_causal`). A relation loss is one
 number per batch by nature: it is spread over the batch's examples (count kind "examples"), so a batch weighs
 by its share of the window's examples.
 """
@@ -13,7 +14,7 @@ import torch
 
 from llmkd.knowledge import layer_maps
 from llmkd.knowledge.base import Knowledge, Pair, Term, TermValues
-from llmkd.modeling import CAUSAL_LM, num_layers
+from llmkd.modeling import CAUSAL_LM, is_causal, num_layers
 
 Tensor = torch.Tensor
 
@@ -38,7 +39,12 @@ class RelationKnowledge(Knowledge):
         super().__init__(term, pair, index)
         n_teacher = int(pair.source.config.get_text_config().num_hidden_layers)
         self.pairs = layer_maps.resolve(term.layer_map, num_layers(pair.student), n_teacher, "hidden")
-        self.causal = pair.task == CAUSAL_LM
+        # Pooling follows each model's attention, not the task: a decoder classifier's first token saw nothing.
+        teacher = getattr(pair.source, "model", None)
+        self.causal = (
+            is_causal(pair.student),
+            is_causal(teacher) if teacher is not None else pair.task == CAUSAL_LM,
+        )
 
     @classmethod
     def check_layer_map(cls, layer_map, where: str) -> None:
@@ -51,10 +57,9 @@ class RelationKnowledge(Knowledge):
     def values(self, student_out, teacher_out, batch, adapted) -> TermValues:
         mask = batch.get("attention_mask")
         s_states, t_states = student_out.hidden_states, teacher_out.hidden_states
-        per = sum(
-            self.loss(
-                pool(s_states[s], mask, self.causal), pool(t_states[t], mask, self.causal), **self.term.params
-            )
-            for s, t in self.pairs
-        ) / len(self.pairs)
+        causal_s, causal_t = self.causal
+        pooled = [
+            (pool(s_states[s], mask, causal_s), pool(t_states[t], mask, causal_t)) for s, t in self.pairs
+        ]
+        per = sum(self.loss(s, t, **self.term.params) for s, t in pooled) / len(self.pairs)
         return TermValues(per.expand(batch["input_ids"].shape[0]), None, "examples")

@@ -59,7 +59,9 @@ class KDTrainer(Trainer):
         )
         self.source.check(self.pair)
         self.terms = self.build_terms(args)
-        setup.check_datasets(args, self.pair.task, kwargs.get("train_dataset"), kwargs.get("eval_dataset"))
+        setup.check_datasets(
+            args, self.pair.task, kwargs.get("train_dataset"), kwargs.get("eval_dataset"), self.source
+        )
         kwargs["data_collator"] = setup.collator(kwargs.get("data_collator"), self.pair)
         self.aux = self._attach_auxiliary(
             model, args.seed
@@ -72,7 +74,8 @@ class KDTrainer(Trainer):
                 "GPU with `accelerate launch` or `torchrun`"
             )
         self.would_fuse = setup.decide_fused(self)
-        setup.warn_partial_settings(self.args)
+        setup.check_engine_settings(self.args, self.terms)
+        setup.check_best_metric(self.args, self.terms)
         check_settings(self.args, setup.facts(self) | self.scheme_facts())
         self.source.place(self)
         self.tally = Tally()
@@ -127,7 +130,8 @@ class KDTrainer(Trainer):
             total = masked_mean(tv.values, tv.mask, num_items=1)  # the masked sum
             loss = loss + term.term.weight * masked_mean(total, num_items=window[tv.count])
             if training:
-                self.tally.add("train", term.name, total, local[tv.count].sum())
+                for split in ("train", "run"):  # since the last log; since the start (train_loss)
+                    self.tally.add(split, term.name, total, local[tv.count].sum())
             else:
                 columns[term.name] = (
                     per_example_sums(tv.values, tv.mask, len(local["examples"])),
@@ -184,12 +188,21 @@ class KDTrainer(Trainer):
         self.tally.add_per_example("eval", columns, self.accelerator.gather_for_metrics)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:  # a training log: each term over every item since the last one
-            reduce = (
-                (lambda t: self.accelerator.reduce(t, reduction="sum")) if self.args.world_size > 1 else None
-            )
-            logs.update(self.tally.flush("train", reduce))
+        # Trainer's `loss` and `train_loss` are means of per-step losses; each term's value over every item since
+        # the last log (or since the start) replaces them, so loss = Σ weight · term holds for any logging_steps.
+        reduce = (lambda t: self.accelerator.reduce(t, reduction="sum")) if self.args.world_size > 1 else None
+        for key, split in (("loss", "train"), ("train_loss", "run")):
+            if key in logs:
+                values = self.tally.flush(split, reduce)
+                logs[key] = self._mix(values, default=logs[key])
+                if split == "train":
+                    logs.update(values)
         super().log(logs, start_time)
+
+    def _mix(self, values: dict[str, float], default: float | None = None) -> float | None:
+        """Σ weight · value over the terms that have items in `values` (None / default if none has)."""
+        present = [t for t in self.terms if t.name in values]
+        return sum(t.term.weight * values[t.name] for t in present) if present else default
 
     def evaluation_loop(self, *args, **kwargs):
         self.tally.reset("eval")
@@ -197,7 +210,7 @@ class KDTrainer(Trainer):
         prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
         values = self.tally.flush("eval")
         if values:  # the loss over every evaluated item, not a mean of per-batch losses
-            output.metrics[f"{prefix}_loss"] = sum(t.term.weight * values[t.name] for t in self.terms)
+            output.metrics[f"{prefix}_loss"] = self._mix(values)
         output.metrics.update({f"{prefix}_{k}": v for k, v in values.items()})
         return output
 
@@ -235,6 +248,11 @@ class KDTrainer(Trainer):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         if len(self.aux) and not self._engine_checkpoints():
             self.aux.load(resume_from_checkpoint, self.args.device)
+
+    def _load_best_model(self):
+        super()._load_best_model()
+        if len(self.aux) and not self._engine_checkpoints():  # the student's best state, and its projectors'
+            self.aux.load(self.state.best_model_checkpoint, self.args.device)
 
     @property
     def fused(self) -> bool:

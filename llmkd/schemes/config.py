@@ -99,25 +99,26 @@ class DistillationConfig(TrainingArguments):
     def __post_init__(self):
         best_direction_given = self.greater_is_better is not None
         super().__post_init__()
-        if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
+        if not _is_number(self.temperature) or not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}; 1.0 means no softening")
-        if not isinstance(self.hard_label_weight, (int, float)) or not 0 <= self.hard_label_weight < math.inf:
+        if not _is_number(self.hard_label_weight) or not 0 <= self.hard_label_weight < math.inf:
             raise ValueError(
                 f"hard_label_weight must be a finite number >= 0, got {self.hard_label_weight!r}"
             )
         _choice("teacher_dtype", self.teacher_dtype, TEACHER_DTYPES)
         _choice("teacher_placement", self.teacher_placement, TEACHER_PLACEMENTS)
         _choice("vocab_mismatch", self.vocab_mismatch, VOCAB_MISMATCH)
-        if not isinstance(self.logit_chunk_size, int) or self.logit_chunk_size <= 0:
+        if (
+            not isinstance(self.logit_chunk_size, int)
+            or isinstance(self.logit_chunk_size, bool)
+            or self.logit_chunk_size <= 0
+        ):
             raise ValueError(f"logit_chunk_size must be a positive integer, got {self.logit_chunk_size!r}")
         if not isinstance(self.terms, (list, tuple)):
             raise ValueError(f"terms must be a list of term mappings, got {self.terms!r}")
         self.terms = [parse_term(t, i) for i, t in enumerate(self.terms)]
         self._check_something_to_train()
-        keys = [(t.name, t.layer_map) for t in self.terms]
-        repeated = sorted({name for name, _ in keys if keys.count((name, _)) > 1})
-        if repeated:
-            raise ValueError(f"terms repeat {repeated} with the same layer_map; merge them into one term")
+        _check_repeats(self.terms)
         if not best_direction_given and self.metric_for_best_model:
             self.greater_is_better = not _lower_is_better(self.metric_for_best_model)
 
@@ -131,6 +132,21 @@ class DistillationConfig(TrainingArguments):
         d = super().to_dict()
         d["terms"] = [t.to_dict() for t in self.terms]
         return d
+
+
+def _check_repeats(terms) -> None:
+    """The same term twice (all but the weight equal) is one term with the summed weight: say so."""
+    keys = [(t.knowledge, t.loss, t.layer_map, t.temperature, sorted(t.params.items())) for t in terms]
+    repeated = sorted({terms[i].name for i, key in enumerate(keys) if keys.count(key) > 1})
+    if repeated:
+        raise ValueError(
+            f"terms repeat {repeated} with the same layer_map, temperature and parameters; merge them into one "
+            "term (weights add up)"
+        )
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _choice(name: str, value, choices) -> None:

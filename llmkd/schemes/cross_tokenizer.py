@@ -89,13 +89,6 @@ class CrossTokenizerTrainer(KDTrainer):
 
     def __init__(self, model=None, teacher=None, args=None, *, teacher_processing_class=None, **kwargs):
         self._student = model
-        for split in ("train_dataset", "eval_dataset"):
-            columns = getattr(kwargs.get(split), "column_names", None)
-            if columns is not None and "teacher_input_ids" not in columns:
-                raise ValueError(
-                    f"the {split} has no teacher_input_ids (columns {columns}); tokenise it with both tokenizers: "
-                    "llmkd.data.loading.tokenize_pairs(dataset, student_tok, teacher_tok, ...)"
-                )
         super().__init__(model, teacher, args, teacher_processing_class=teacher_processing_class, **kwargs)
         logger.info(
             "ULD between a student of %d logit rows and a teacher of %d",

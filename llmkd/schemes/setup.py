@@ -12,7 +12,15 @@ from torch import nn
 from llmkd.data.collate import DistillationCollator, RightPadded, padding_id
 from llmkd.knowledge import KNOWLEDGE, LabelKnowledge, Pair, label_term
 from llmkd.knowledge.logits import LogitKnowledge
-from llmkd.modeling import CAUSAL_LM, SEQ_CLS, output_rows, task_of, text_config
+from llmkd.modeling import (
+    CAUSAL_LM,
+    SEQ_CLS,
+    is_causal,
+    is_encoder_decoder,
+    output_rows,
+    task_of,
+    text_config,
+)
 from llmkd.teachers.live import LiveTeacher, check_vocab
 
 logger = logging.getLogger(__name__)
@@ -32,8 +40,20 @@ def make_pair(student: nn.Module, source, args, student_tok, teacher_tok) -> Pai
     if task == SEQ_CLS:
         check_labels(config, source.config.get_text_config())
         _check_pad_ids(config, source)
+        _check_decoder_classifier(student, "student")
     pair.vocab_rows = _vocab_rows(pair)
     return pair
+
+
+def _check_decoder_classifier(model, role: str) -> None:
+    """Decoder classifiers find each row's last token by the pad id: without one, any padded batch fails."""
+    config = model.config
+    if getattr(config, "pad_token_id", None) is None and is_causal(model):
+        raise ValueError(
+            f"the {role} is a decoder classifier ({type(model).__name__}) without config.pad_token_id: it finds "
+            "each row's last token by the pad id, so padded batches fail; set config.pad_token_id (e.g. to the "
+            "tokenizer's pad or EOS id) on both models"
+        )
 
 
 def _check_pad_ids(student_config, source) -> None:
@@ -80,6 +100,7 @@ def check_labels(student_config, teacher_config) -> None:
 
 def build_terms(terms, pair: Pair) -> list:
     """One knowledge object per term (+ the task loss when hard_label_weight > 0), names made unique."""
+    _check_encoder_decoder(terms, pair)
     built = [KNOWLEDGE[term.knowledge](term, pair, i) for i, term in enumerate(terms)]
     if pair.args.hard_label_weight > 0:
         built.append(LabelKnowledge(label_term(pair.args.hard_label_weight), pair, len(built)))
@@ -101,6 +122,20 @@ def build_terms(terms, pair: Pair) -> list:
     return built
 
 
+def _check_encoder_decoder(terms, pair: Pair) -> None:
+    """Encoder-decoder models return encoder and decoder states separately: feature terms cannot pick one."""
+    features = sorted(
+        {t.knowledge for t in terms if KNOWLEDGE[t.knowledge].needs & {"hidden_states", "attentions"}}
+    )
+    teacher = getattr(pair.source, "model", None)
+    two_stacks = [m for m in (pair.student, teacher) if m is not None and is_encoder_decoder(m)]
+    if features and two_stacks:
+        raise ValueError(
+            f"{features} terms compare hidden states or attention maps, but {type(two_stacks[0]).__name__} is an "
+            "encoder-decoder model (separate encoder and decoder states); distil its logits only"
+        )
+
+
 def _check_cache_temperature(temperature: float, cached: float, source) -> None:
     from llmkd.teachers.cached.fingerprint import FIX, CacheMismatchError
 
@@ -111,14 +146,23 @@ def _check_cache_temperature(temperature: float, cached: float, source) -> None:
         )
 
 
-def check_datasets(args, task: str, train_dataset, eval_dataset) -> None:
+def check_datasets(args, task: str, train_dataset, eval_dataset, source=None) -> None:
+    """Empty datasets, a missing label column (training), and the columns the teacher source needs, per split."""
     datasets = [("train", train_dataset)] + (
         list(eval_dataset.items()) if isinstance(eval_dataset, dict) else [("eval", eval_dataset)]
     )
+    required = source.required_columns() if source is not None else set()
     for split, data in datasets:
         if data is not None and hasattr(data, "__len__") and len(data) == 0:
             raise ValueError(
                 f"the {split} dataset is empty; check the data files and any max_samples setting"
+            )
+        columns = getattr(data, "column_names", None)
+        missing = sorted(required - set(columns)) if columns is not None else []
+        if missing:
+            raise ValueError(
+                f"the {split} dataset has no {missing} (columns {columns}), which the teacher source "
+                f"{type(source).__name__} reads for every row: " + _MISSING_HINT.get(missing[0], "add them")
             )
     columns = getattr(train_dataset, "column_names", None)
     unlabelled = columns is not None and not {"label", "labels"} & set(columns)
@@ -127,6 +171,13 @@ def check_datasets(args, task: str, train_dataset, eval_dataset) -> None:
             f"hard_label_weight={args.hard_label_weight} needs a 'label' column, but the training data has only "
             f"{columns}; add labels or set hard_label_weight=0 to distil from the teacher alone"
         )
+
+
+_MISSING_HINT = {
+    "cache_index": "build the datasets with llmkd.teachers.cached.binding.cached_trainer_kwargs",
+    "teacher_input_ids": "tokenise them with both tokenizers: llmkd.data.loading.tokenize_pairs",
+    "teacher_labels": "tokenise them with both tokenizers: llmkd.data.loading.tokenize_pairs",
+}
 
 
 def collator(user_collator, pair: Pair):
@@ -210,8 +261,30 @@ def decide_fused(trainer) -> bool:
     return True
 
 
-def warn_partial_settings(args) -> None:
-    """Settings that take effect only in part under llmkd: said once, before training."""
+def check_best_metric(args, terms) -> None:
+    """metric_for_best_model naming an llmkd term must name one this run logs (terms repeated on other layers
+    are logged as <name>_<index>)."""
+    name = (args.metric_for_best_model or "").removeprefix("eval_")
+    logged = {t.name for t in terms} | {"loss", "agreement"}
+    if (name.startswith("distill/") or name == "loss_ce") and name not in logged:
+        raise ValueError(
+            f"metric_for_best_model={args.metric_for_best_model!r} is not logged by this run; its terms are "
+            f"{sorted(t.name for t in terms)} (prefixed with eval_ in evaluation)"
+        )
+
+
+def check_engine_settings(args, terms) -> None:
+    """Engine settings that break a term, refused before training; those that apply in part, said once."""
+    checkpointing = getattr(args, "activation_checkpointing", False) or args.gradient_checkpointing
+    kwargs = (
+        getattr(args, "activation_checkpointing_kwargs", None) or args.gradient_checkpointing_kwargs or {}
+    )
+    attention = [t.name for t in terms if "attentions" in t.needs]
+    if checkpointing and isinstance(kwargs, dict) and kwargs.get("use_reentrant") and attention:
+        raise ValueError(
+            f"gradient checkpointing with use_reentrant=True returns attention maps without a gradient, so "
+            f"{attention} would train nothing; use use_reentrant: false (transformers' default) or drop the term"
+        )
     if args.use_liger_kernel:  # its fused linear + cross-entropy needs labels in the student's forward
         logger.warning(
             "use_liger_kernel: Liger's kernels patch the student (RMSNorm, RoPE, SwiGLU), but its fused "

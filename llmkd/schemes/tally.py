@@ -15,10 +15,11 @@ Tensor = torch.Tensor
 
 
 class Tally:
-    """name -> running (sum, count) per split ("train", "eval"), kept on the device until flushed."""
+    """name -> running (sum, count) per split, kept on the device until flushed: "train" (since the last log),
+    "run" (since training started: `train_loss`) and "eval"."""
 
     def __init__(self):
-        self.store: dict[str, dict[str, Tensor]] = {"train": {}, "eval": {}}
+        self.store: dict[str, dict[str, Tensor]] = {"train": {}, "run": {}, "eval": {}}
 
     def add(self, split: str, name: str, total: Tensor, count: Tensor) -> None:
         pair = torch.stack([total.detach().float().reshape(()), count.detach().float().reshape(())])
@@ -47,7 +48,8 @@ class Tally:
         stacked = torch.stack([store[n] for n in names])
         if reduce is not None:
             stacked = reduce(stacked)
-        return {n: _six_digits((s / c).item()) if c > 0 else 0.0 for n, (s, c) in zip(names, stacked)}
+        # A name without items (the task loss on unlabelled data) has no value: it is left out, not logged as 0.
+        return {n: _six_digits((s / c).item()) for n, (s, c) in zip(names, stacked) if c > 0}
 
 
 def _six_digits(value: float) -> float:

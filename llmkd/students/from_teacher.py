@@ -13,6 +13,7 @@ import copy
 import torch
 from torch import nn
 
+from llmkd.knowledge.adapters import student_parameters
 from llmkd.modeling import base_model, num_layers, text_config
 
 # Config lists that hold layer *indices* rather than one value per layer: remapped, never selected.
@@ -77,7 +78,13 @@ def student_from_teacher(teacher: nn.Module, layers) -> nn.Module:
     student = type(teacher)(config).to(next(teacher.parameters()).dtype)
     student_layers = student.get_submodule(prefix)
     _check_same_layers(teacher, teacher_layers, student_layers, keep)
-    missing, unexpected = student.load_state_dict(_renumbered_state(teacher, prefix, keep), strict=False)
+    try:
+        missing, unexpected = student.load_state_dict(_renumbered_state(teacher, prefix, keep), strict=False)
+    except RuntimeError as err:  # a per-layer weight shaped by the layer count (e.g. ESM's contact head)
+        raise ValueError(
+            f"{_family(teacher)}: copying layers {keep} gives weights of other shapes ({str(err).splitlines()[1:2]}); "
+            "this architecture sizes weights outside its layer list by the layer count. " + _FIX
+        ) from err
     missing = [k for k in missing if k not in _tied_keys(student)]
     if missing or unexpected:
         raise ValueError(
@@ -276,7 +283,7 @@ def _tied_keys(model: nn.Module) -> set[str]:
 def describe(model: nn.Module) -> dict:
     config = text_config(model)
     return {
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": student_parameters(model),  # a trainer's auxiliary modules (projectors) left out
         "layers": config.num_hidden_layers,
         "hidden_size": config.hidden_size,
     }

@@ -199,7 +199,12 @@ def _export_state(model: nn.Module, modules: dict[str, QATLinear]):
     """Int codes + scales for quantised weights; every other tensor as is, tied duplicates stored once."""
     state, seen, tied = {}, {}, {}
     quantised = {f"{name}.weight": m for name, m in modules.items()}
+    ignored = set(
+        getattr(model, "_keys_to_ignore_on_save", None) or ()
+    )  # as save_pretrained: e.g. projectors
     for key, tensor in model.state_dict().items():
+        if key in ignored:
+            continue
         if key in quantised:
             m = quantised[key]
             q, scale = quantize_weight(tensor, m.bits, m.group_size)

@@ -23,7 +23,14 @@ def as_source(teacher, input_prefix: str = "") -> TeacherSource:
     if isinstance(teacher, TeacherSource):
         return teacher
     if isinstance(teacher, (str, os.PathLike)):
-        return CachedTeacher(teacher)  # a folder: a teacher cache (a model folder must be loaded first)
+        folder = os.fspath(teacher)
+        if os.path.isfile(os.path.join(folder, "config.json")):
+            raise ValueError(
+                f"teacher={folder!r} is a model folder: load it first (AutoModelForSequenceClassification / "
+                "AutoModelForCausalLM.from_pretrained) and pass the model; a folder given as teacher= must be a "
+                "teacher-logit cache written by `llmkd cache-teacher`"
+            )
+        return CachedTeacher(folder)
     return LiveTeacher(teacher, input_prefix)
 
 

@@ -62,6 +62,10 @@ class TeacherSource:
         """Batch columns the source reads (kept by remove_unused_columns)."""
         return set()
 
+    def required_columns(self) -> set[str]:
+        """Dataset columns without which the source cannot serve a row (checked before training)."""
+        return set()
+
     def check(self, pair) -> None:
         """Refuses (ValueError naming the values and the fix) a pair this source cannot serve."""
 

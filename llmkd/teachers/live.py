@@ -50,6 +50,10 @@ class LiveTeacher(TeacherSource):
     def columns(self) -> set[str]:
         return {self.input_prefix + k for k in self.keys} | {self.input_prefix + "labels"}
 
+    def required_columns(self) -> set[str]:
+        # Its own tokenisation of each example (llmkd.data.loading.tokenize_pairs); else the student's ids.
+        return {self.input_prefix + "input_ids", self.input_prefix + "labels"} if self.input_prefix else set()
+
     # -- checks before training --------------------------------------------------------------------
     def check(self, pair) -> None:
         check_not_shared(pair.student, self.model)

@@ -80,6 +80,10 @@ class CachedTeacher(TeacherSource):
     def columns(self) -> set[str]:
         return {CACHE_COLUMN}
 
+    def required_columns(self) -> set[str]:
+        # Added by llmkd.teachers.cached.binding.cached_trainer_kwargs / attach_cache_index.
+        return {CACHE_COLUMN}
+
     def check(self, pair) -> None:
         """The student's tokenizer and vocabulary must be the cache's (the cached ids would mean other tokens)."""
         key = self.components.get("tokenizer")
