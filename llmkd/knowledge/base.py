@@ -67,6 +67,7 @@ class Pair:
     regression: bool = False
     student_tokenizer: Any = None
     teacher_tokenizer: Any = None
+    vocab_rows: int | None = None  # logit rows both sides share (padded vocabularies); None: all
 
 
 class Knowledge:

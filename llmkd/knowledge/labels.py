@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 from llmkd.knowledge.base import Knowledge, Pair, Term, TermValues
 from llmkd.knowledge.counts import examples, targets
-from llmkd.losses import Loss
 from llmkd.modeling import SEQ_CLS
 
 
@@ -35,7 +34,6 @@ class LabelKnowledge(Knowledge):
 
     def __init__(self, term: Term, pair: Pair, index: int = 0):
         self.term, self.index, self.name = term, index, "loss_ce"
-        self.loss = Loss(F.cross_entropy)
         self.task, self.regression = pair.task, pair.regression
         self.smoothing = float(pair.args.label_smoothing_factor)
 

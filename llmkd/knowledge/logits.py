@@ -38,7 +38,7 @@ class LogitKnowledge(Knowledge):
         self.task, self.regression = pair.task, pair.regression
         self.temperature_value = self.temperature(pair.args)
         self.scale = self.temperature_value**2 if self.loss.soft_target else 1.0
-        self.vocab_rows = getattr(pair, "vocab_rows", None)
+        self.vocab_rows = pair.vocab_rows
         self.chunk_size = pair.args.logit_chunk_size
         self.cached = "topk" in pair.source.provides
         self.fused = False  # set by the trainer once it knows no other term needs the full logits
