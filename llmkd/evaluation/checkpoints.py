@@ -217,14 +217,19 @@ def evaluate_checkpoints(
         "tasks": tasks,
         "examples": {t: {s: len(d) for s, d in splits.items()} for t, splits in data.items()},
         "reference": reference,
-        "speed": {
-            "device": "cpu",
-            "threads": torch.get_num_threads(),
-            "seq_len": speed_seq_len,
-            "latency_batch_size": 1,
-            "throughput_batch_size": speed_batch_size,
-            "repeats": speed_repeats,
-            "warmup": speed_warmup,
-        },
+        "speed": _speed_settings(speed_seq_len, speed_batch_size, speed_repeats, speed_warmup),
         "models": models,
+    }
+
+
+def _speed_settings(seq_len: int, batch_size: int, repeats: int, warmup: int) -> dict:
+    """How the report's speed figures were measured (CPU, this process's thread count)."""
+    return {
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "seq_len": seq_len,
+        "latency_batch_size": 1,
+        "throughput_batch_size": batch_size,
+        "repeats": repeats,
+        "warmup": warmup,
     }
