@@ -28,6 +28,8 @@ def config(**kw):
     [
         ({"temperature": 0.0}, "temperature must be > 0, got 0.0"),
         ({"temperature": -2}, "temperature must be > 0, got -2"),
+        ({"temperature": float("inf")}, "temperature must be > 0, got inf; a finite number"),
+        ({"temperature": True}, "temperature must be > 0, got True"),
         ({"hard_label_weight": -0.1}, "hard_label_weight must be a finite number >= 0, got -0.1"),
         (
             {"terms": [{"knowledge": "logits", "loss": "forward_kl", "weight": -1}]},

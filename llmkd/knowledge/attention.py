@@ -12,10 +12,9 @@ import logging
 
 import torch
 
-from llmkd.knowledge import layer_maps
-from llmkd.knowledge.base import Knowledge, Pair, Term, TermValues
+from llmkd.knowledge.base import LayerKnowledge, Pair, Term, TermValues
 from llmkd.knowledge.counts import tokens
-from llmkd.modeling import base_model, num_layers, text_config
+from llmkd.modeling import base_model, text_config
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +34,12 @@ def ensure_attention_weights(model, role: str) -> None:
         base_model(model).set_attn_implementation("eager")
 
 
-class AttentionKnowledge(Knowledge):
+class AttentionKnowledge(LayerKnowledge):
     kind = "attention"
     needs = frozenset({"attentions"})
     count = "tokens"
     default_layer_map = "uniform"
+    layer_kind = "attention"
 
     def __init__(self, term: Term, pair: Pair, index: int = 0):
         super().__init__(term, pair, index)
@@ -50,17 +50,10 @@ class AttentionKnowledge(Knowledge):
                 f"attention terms compare maps head by head, but the student has {heads_s} heads and the teacher "
                 f"{heads_t}; use a student with the teacher's head count, or distil hidden states instead"
             )
-        n_teacher = int(teacher_config.num_hidden_layers)
-        self.pairs = layer_maps.resolve(term.layer_map, num_layers(pair.student), n_teacher, self.kind)
-        self.task = pair.task
         self._key_mask = "key_mask" in inspect.signature(self.loss.fn).parameters
         ensure_attention_weights(pair.student, "student")
         if getattr(pair.source, "model", None) is not None:
             ensure_attention_weights(pair.source.model, "teacher")
-
-    @classmethod
-    def check_layer_map(cls, layer_map, where: str) -> None:
-        layer_maps.check_shape(layer_map, where)
 
     @classmethod
     def probe(cls):

@@ -16,7 +16,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from llmkd.knowledge import layer_maps
 from llmkd.losses import LOSSES, Loss
+from llmkd.modeling import num_layers
 
 Tensor = torch.Tensor
 
@@ -120,3 +122,22 @@ class Knowledge:
 
     def temperature(self, args) -> float:
         return self.term.temperature if self.term.temperature is not None else args.temperature
+
+
+class LayerKnowledge(Knowledge):
+    """Knowledge compared between mapped layers (hidden states, attention maps, pooled states): the layer map's
+    shape is checked when the term is parsed and its indices against both models here (`self.pairs`)."""
+
+    layer_kind: ClassVar[str] = (
+        "hidden"  # which list the indices address: "hidden" (L + 1) or "attention" (L)
+    )
+
+    def __init__(self, term: Term, pair: Pair, index: int = 0):
+        super().__init__(term, pair, index)
+        n_teacher = int(pair.source.config.get_text_config().num_hidden_layers)
+        self.pairs = layer_maps.resolve(term.layer_map, num_layers(pair.student), n_teacher, self.layer_kind)
+        self.task = pair.task
+
+    @classmethod
+    def check_layer_map(cls, layer_map, where: str) -> None:
+        layer_maps.check_shape(layer_map, where)

@@ -11,14 +11,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmkd.knowledge import layer_maps
 from llmkd.knowledge.adapters import linear_projector
-from llmkd.knowledge.base import Knowledge, Pair, Term, TermValues
+from llmkd.knowledge.base import LayerKnowledge, Pair, Term, TermValues
 from llmkd.knowledge.counts import tokens
-from llmkd.modeling import hidden_width, num_layers
+from llmkd.modeling import hidden_width
 
 
-class HiddenKnowledge(Knowledge):
+class HiddenKnowledge(LayerKnowledge):
     kind = "hidden"
     needs = frozenset({"hidden_states"})
     count = "tokens"
@@ -26,15 +25,7 @@ class HiddenKnowledge(Knowledge):
 
     def __init__(self, term: Term, pair: Pair, index: int = 0):
         super().__init__(term, pair, index)
-        teacher_config = pair.source.config
-        n_teacher = int(teacher_config.get_text_config().num_hidden_layers)
-        self.pairs = layer_maps.resolve(term.layer_map, num_layers(pair.student), n_teacher, self.kind)
-        self.widths = (hidden_width(pair.student), int(teacher_config.get_text_config().hidden_size))
-        self.task = pair.task
-
-    @classmethod
-    def check_layer_map(cls, layer_map, where: str) -> None:
-        layer_maps.check_shape(layer_map, where)
+        self.widths = (hidden_width(pair.student), int(pair.source.config.get_text_config().hidden_size))
 
     @classmethod
     def probe(cls):

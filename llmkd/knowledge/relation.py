@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from llmkd.knowledge import layer_maps
-from llmkd.knowledge.base import Knowledge, Pair, Term, TermValues
-from llmkd.modeling import CAUSAL_LM, is_causal, num_layers
+from llmkd.knowledge.base import LayerKnowledge, Pair, Term, TermValues
+from llmkd.modeling import CAUSAL_LM, is_causal
 
 Tensor = torch.Tensor
 
@@ -29,7 +28,7 @@ def pool(hidden: Tensor, attention_mask: Tensor | None, causal: bool) -> Tensor:
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
 
 
-class RelationKnowledge(Knowledge):
+class RelationKnowledge(LayerKnowledge):
     kind = "relation"
     needs = frozenset({"hidden_states"})
     count = "examples"
@@ -37,18 +36,12 @@ class RelationKnowledge(Knowledge):
 
     def __init__(self, term: Term, pair: Pair, index: int = 0):
         super().__init__(term, pair, index)
-        n_teacher = int(pair.source.config.get_text_config().num_hidden_layers)
-        self.pairs = layer_maps.resolve(term.layer_map, num_layers(pair.student), n_teacher, "hidden")
         # Pooling follows each model's attention, not the task: a decoder classifier's first token saw nothing.
         teacher = getattr(pair.source, "model", None)
         self.causal = (
             is_causal(pair.student),
             is_causal(teacher) if teacher is not None else pair.task == CAUSAL_LM,
         )
-
-    @classmethod
-    def check_layer_map(cls, layer_map, where: str) -> None:
-        layer_maps.check_shape(layer_map, where)
 
     @classmethod
     def probe(cls):

@@ -99,9 +99,11 @@ class DistillationConfig(TrainingArguments):
     def __post_init__(self):
         best_direction_given = self.greater_is_better is not None
         super().__post_init__()
-        if not _is_number(self.temperature) or not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature!r}; 1.0 means no softening")
-        if not _is_number(self.hard_label_weight) or not 0 <= self.hard_label_weight < math.inf:
+        if not is_number(self.temperature) or not self.temperature > 0:
+            raise ValueError(
+                f"temperature must be > 0, got {self.temperature!r}; a finite number, 1.0 means no softening"
+            )
+        if not is_number(self.hard_label_weight) or not self.hard_label_weight >= 0:
             raise ValueError(
                 f"hard_label_weight must be a finite number >= 0, got {self.hard_label_weight!r}"
             )
@@ -145,8 +147,9 @@ def _check_repeats(terms) -> None:
         )
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def is_number(value) -> bool:
+    """A finite int or float (a YAML `true` is not a number here, nor is inf)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _choice(name: str, value, choices) -> None:

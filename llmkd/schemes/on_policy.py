@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -24,7 +23,7 @@ from llmkd.data.collate import DistillationCollator, padding_id
 from llmkd.data.loading import PROMPT_LENGTH
 from llmkd.data.synthesis.decoding import eos_token_ids, sample_batch
 from llmkd.schemes.base import KDTrainer
-from llmkd.schemes.config import DistillationConfig, _field
+from llmkd.schemes.config import DistillationConfig, _field, is_number
 
 logger = logging.getLogger(__name__)
 
@@ -66,10 +65,6 @@ def example_seeds(prompts: list[list[int]], source: str, seed: int, step: int, s
 def _check(name: str, value, ok: bool, expected: str) -> None:
     if not ok:
         raise ValueError(f"{name} must be {expected}, got {value!r}")
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -117,19 +112,17 @@ class OnPolicyConfig(DistillationConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _check(
-            "lmbda", self.lmbda, _is_number(self.lmbda) and 0 <= self.lmbda <= 1, "a probability in [0, 1]"
-        )
+        _check("lmbda", self.lmbda, is_number(self.lmbda) and 0 <= self.lmbda <= 1, "a probability in [0, 1]")
         _check("seq_kd", self.seq_kd, isinstance(self.seq_kd, bool), "true or false")
         is_int = isinstance(self.max_new_tokens, int) and not isinstance(self.max_new_tokens, bool)
         _check("max_new_tokens", self.max_new_tokens, is_int and self.max_new_tokens >= 1, "an integer >= 1")
         temp = self.sampling_temperature
         _check(
-            "sampling_temperature", temp, _is_number(temp) and temp > 0, "> 0 (1 = the model's distribution)"
+            "sampling_temperature", temp, is_number(temp) and temp > 0, "> 0 (1 = the model's distribution)"
         )
         is_int = isinstance(self.top_k, int) and not isinstance(self.top_k, bool)
         _check("top_k", self.top_k, is_int and self.top_k >= 0, "an integer >= 0 (0 = off)")
-        _check("top_p", self.top_p, _is_number(self.top_p) and 0 < self.top_p <= 1, "in (0, 1] (1 = off)")
+        _check("top_p", self.top_p, is_number(self.top_p) and 0 < self.top_p <= 1, "in (0, 1] (1 = off)")
         if self.hard_label_weight > 0 and self.lmbda > 0:
             logger.warning(
                 "hard_label_weight=%s with lmbda=%s: on sampled batches the task loss trains the student on its "
