@@ -28,7 +28,7 @@ KNOWLEDGE: dict[str, type[Knowledge]] = {
     "cross_vocab": CrossVocabKnowledge,
 }
 
-TERM_KEYS = {"knowledge", "loss", "weight", "layer_map", "temperature"}
+TERM_KEYS = {"knowledge", "loss", "weight", "layer_map", "temperature", "teacher"}
 
 
 def parse_term(spec: dict | Term, index: int = 0) -> Term:
@@ -56,13 +56,16 @@ def parse_term(spec: dict | Term, index: int = 0) -> Term:
         temperature = _number(temperature, f"{where}: temperature", minimum=0.0, strict=True)
     layer_map = spec.get("layer_map", kind.default_layer_map)
     kind.check_layer_map(layer_map, where)
+    teacher = spec.get("teacher")
+    if teacher is not None and (not isinstance(teacher, str) or not teacher):
+        raise ValueError(f"{where}: teacher must name one of the run's teachers, got {teacher!r}")
     params = {k: v for k, v in spec.items() if k not in TERM_KEYS}
     unknown = sorted(set(params) - loss.params)
     if unknown:
         valid = sorted(loss.params | TERM_KEYS)
         raise ValueError(f"{where}: the {knowledge} loss {name!r} takes no {unknown}; valid keys: {valid}")
     _dry_run(kind, loss, params, temperature, where)
-    return Term(knowledge, name, weight, freeze(layer_map), params, temperature)
+    return Term(knowledge, name, weight, freeze(layer_map), params, temperature, teacher)
 
 
 def _number(value, what: str, minimum: float, strict: bool = False) -> float:

@@ -43,7 +43,7 @@ class AttentionKnowledge(LayerKnowledge):
 
     def __init__(self, term: Term, pair: Pair, index: int = 0):
         super().__init__(term, pair, index)
-        teacher_config = pair.source.config.get_text_config()
+        teacher_config = pair.source.member(term.teacher).config.get_text_config()
         heads_s, heads_t = text_config(pair.student).num_attention_heads, teacher_config.num_attention_heads
         if heads_s != heads_t:
             raise ValueError(
@@ -52,8 +52,9 @@ class AttentionKnowledge(LayerKnowledge):
             )
         self._key_mask = "key_mask" in inspect.signature(self.loss.fn).parameters
         ensure_attention_weights(pair.student, "student")
-        if getattr(pair.source, "model", None) is not None:
-            ensure_attention_weights(pair.source.model, "teacher")
+        teacher = getattr(pair.source.member(term.teacher), "model", None)
+        if teacher is not None:
+            ensure_attention_weights(teacher, "teacher")
 
     @classmethod
     def probe(cls):

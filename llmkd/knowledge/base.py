@@ -33,10 +33,11 @@ class Term:
     layer_map: Any = None
     params: dict = field(default_factory=dict)
     temperature: float | None = None  # this term's softmax temperature; None: the config's
+    teacher: str | None = None  # with several teachers (an ensemble): the member this term reads; None: all
 
     @property
     def name(self) -> str:
-        return f"distill/{self.knowledge}_{self.loss}"
+        return f"distill/{self.knowledge}_{self.loss}" + (f"@{self.teacher}" if self.teacher else "")
 
     def to_dict(self) -> dict:
         out = {"knowledge": self.knowledge, "loss": self.loss, "weight": self.weight}
@@ -46,6 +47,8 @@ class Term:
             )
         if self.temperature is not None:
             out["temperature"] = self.temperature
+        if self.teacher is not None:
+            out["teacher"] = self.teacher
         return out | self.params
 
 
@@ -91,6 +94,9 @@ class Knowledge:
     def __init__(self, term: Term, pair: Pair, index: int = 0):
         self.term, self.index = term, index
         self.loss: Loss = LOSSES[self.kind][term.loss]
+        self.source = pair.source.member(
+            term.teacher
+        )  # the teacher this term reads (a named ensemble member)
         self.name = term.name  # the name it is logged under
 
     # -- set-up ------------------------------------------------------------------------------------
@@ -134,7 +140,7 @@ class LayerKnowledge(Knowledge):
 
     def __init__(self, term: Term, pair: Pair, index: int = 0):
         super().__init__(term, pair, index)
-        n_teacher = int(pair.source.config.get_text_config().num_hidden_layers)
+        n_teacher = int(pair.source.member(term.teacher).config.get_text_config().num_hidden_layers)
         self.pairs = layer_maps.resolve(term.layer_map, num_layers(pair.student), n_teacher, self.layer_kind)
         self.task = pair.task
 

@@ -25,7 +25,10 @@ class HiddenKnowledge(LayerKnowledge):
 
     def __init__(self, term: Term, pair: Pair, index: int = 0):
         super().__init__(term, pair, index)
-        self.widths = (hidden_width(pair.student), int(pair.source.config.get_text_config().hidden_size))
+        self.widths = (
+            hidden_width(pair.student),
+            int(pair.source.member(term.teacher).config.get_text_config().hidden_size),
+        )
 
     @classmethod
     def probe(cls):

@@ -37,7 +37,7 @@ class RelationKnowledge(LayerKnowledge):
     def __init__(self, term: Term, pair: Pair, index: int = 0):
         super().__init__(term, pair, index)
         # Pooling follows each model's attention, not the task: a decoder classifier's first token saw nothing.
-        teacher = getattr(pair.source, "model", None)
+        teacher = getattr(pair.source.member(term.teacher), "model", None)
         self.causal = (
             is_causal(pair.student),
             is_causal(teacher) if teacher is not None else pair.task == CAUSAL_LM,

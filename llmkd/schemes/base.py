@@ -47,8 +47,8 @@ class KDTrainer(Trainer):
     def __init__(self, model=None, teacher=None, args=None, *, teacher_processing_class=None, **kwargs):
         if not isinstance(args, self.config_class):
             raise TypeError(f"args must be a {self.config_class.__name__}, got {type(args).__name__}")
-        if teacher is None or model is None:
-            raise ValueError(f"{type(self).__name__} needs both a student (model=) and a teacher (teacher=)")
+        if model is None:
+            raise ValueError(f"{type(self).__name__} needs a student (model=)")
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError(
                 "compute_loss_func is not used: llmkd computes the loss from its terms; remove it"
@@ -90,6 +90,12 @@ class KDTrainer(Trainer):
 
     # ---- hooks for schemes -------------------------------------------------------------------------
     def make_source(self, teacher):
+        """The teacher source; schemes without a pre-trained teacher (mutual learning, self-distillation)
+        override it."""
+        if teacher is None:
+            raise ValueError(
+                f"{type(self).__name__} needs a teacher (teacher=): a model, a cache or a source"
+            )
         return as_source(teacher)
 
     def build_terms(self, args) -> list:
@@ -123,10 +129,21 @@ class KDTrainer(Trainer):
         )
         student_out, adapted = self._student_forward(model, inputs, training)
         teacher_out = self._teacher_forward(inputs, training)
+        columns = {} if not training else None
+        loss = self.mix_terms(student_out, teacher_out, adapted, inputs, window, local, columns)
+        if not training:
+            self._eval_columns(columns, student_out, teacher_out, inputs, local)
+        return (loss, student_out) if return_outputs else loss
+
+    def mix_terms(self, student_out, teacher_out, adapted, inputs, window, local, columns) -> torch.Tensor:
+        """Σ_terms weight · Σ values[mask] / window count for one student's outputs (schemes with several
+        students, such as mutual learning, call it once per student). Training (`columns` None): tallies the
+        terms and scales for DDP; evaluation: adds each term's per-example sums to `columns`."""
+        training = columns is None
         loss = student_out.logits.new_zeros((), dtype=torch.float32)
-        columns = {}
         for term in self.terms:
-            tv = term.values(student_out, teacher_out, inputs, adapted.get(str(term.index)))
+            side = teacher_out.member(term.term.teacher) if teacher_out is not None else None
+            tv = term.values(student_out, side, inputs, adapted.get(str(term.index)))
             total = masked_mean(tv.values, tv.mask, num_items=1)  # the masked sum
             loss = loss + term.term.weight * masked_mean(total, num_items=window[tv.count])
             if training:
@@ -137,11 +154,9 @@ class KDTrainer(Trainer):
                     per_example_sums(tv.values, tv.mask, len(local["examples"])),
                     local[tv.count],
                 )
-        if not training:
-            self._eval_columns(columns, student_out, teacher_out, inputs, local)
-        elif self.args.average_tokens_across_devices and self.args.world_size > 1:
+        if training and self.args.average_tokens_across_devices and self.args.world_size > 1:
             loss = loss * self.args.world_size  # DDP averages gradients; the counts are already global
-        return (loss, student_out) if return_outputs else loss
+        return loss
 
     def forward_flags(self, training: bool) -> dict:
         needs = {n for t in self.terms for n in t.needs}
@@ -182,7 +197,10 @@ class KDTrainer(Trainer):
     # ---- metrics: sums and counts ------------------------------------------------------------------
     def _eval_columns(self, columns, student_out, teacher_out, inputs, local) -> None:
         # Agreement compares argmaxes over one vocabulary: not for scores, nor across tokenizers.
-        if not self.pair.regression and not self.source.input_prefix:
+        has_targets = teacher_out is not None and (
+            teacher_out.logits is not None or teacher_out.topk is not None
+        )
+        if has_targets and not self.pair.regression and not self.source.input_prefix:
             agree = agreement(student_out.logits, teacher_out, inputs, self.pair.task, self.pair.vocab_rows)
             columns["agreement"] = (agree, local["targets"])
         self.tally.add_per_example("eval", columns, self.accelerator.gather_for_metrics)
@@ -240,14 +258,18 @@ class KDTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
+        folder = os.path.join(
+            self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        )
         if len(self.aux) and self.args.should_save and not self._engine_checkpoints():
-            folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            self.aux.save(os.path.join(self._get_output_dir(trial=trial), folder))
+            self.aux.save(folder)
+        self.source.save(folder, self)  # a source with state of its own (a mean teacher) keeps it here
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         if len(self.aux) and not self._engine_checkpoints():
             self.aux.load(resume_from_checkpoint, self.args.device)
+        self.source.load(resume_from_checkpoint, self)
 
     def _load_best_model(self):
         super()._load_best_model()

@@ -138,7 +138,9 @@ class DistillationConfig(TrainingArguments):
 
 def _check_repeats(terms) -> None:
     """The same term twice (all but the weight equal) is one term with the summed weight: say so."""
-    keys = [(t.knowledge, t.loss, t.layer_map, t.temperature, sorted(t.params.items())) for t in terms]
+    keys = [
+        (t.knowledge, t.loss, t.layer_map, t.temperature, t.teacher, sorted(t.params.items())) for t in terms
+    ]
     repeated = sorted({terms[i].name for i, key in enumerate(keys) if keys.count(key) > 1})
     if repeated:
         raise ValueError(

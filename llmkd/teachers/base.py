@@ -39,6 +39,17 @@ class TeacherOutputs:
     hidden_states: tuple | None = None  # L+1 of (B, T, H)
     attentions: tuple | None = None  # L of (B, heads, T, T)
     topk: TopK | None = None
+    members: dict | None = None  # several teachers (an ensemble): name -> each one's TeacherOutputs
+
+    def member(self, name: str | None) -> TeacherOutputs:
+        """The outputs a term reads: the named member teacher's (a term's ``teacher:`` key) or these."""
+        if name is None:
+            return self
+        if not self.members or name not in self.members:
+            raise KeyError(
+                f"no teacher named {name!r} in this batch's outputs (have {sorted(self.members or {})})"
+            )
+        return self.members[name]
 
     def predictions(self, vocab_rows: int | None = None) -> Tensor:
         """The teacher's argmax class / token per example or position (over the first `vocab_rows` rows)."""
@@ -71,6 +82,25 @@ class TeacherSource:
 
     def place(self, trainer) -> None:
         """Puts the source where the engine needs it, once the trainer's accelerator exists."""
+
+    def names(self) -> set[str]:
+        """Member teachers a term may name with its ``teacher:`` key (an ensemble's); none by default."""
+        return set()
+
+    def member(self, name: str | None) -> TeacherSource:
+        """The source a term with ``teacher: name`` reads (for its config, model and layer counts)."""
+        if name is None:
+            return self
+        raise ValueError(
+            f"a term names teacher {name!r}, but this run has one teacher ({type(self).__name__}); remove the "
+            "term's teacher key, or list several teachers (teacher source 'ensemble')"
+        )
+
+    def save(self, folder: str, trainer) -> None:
+        """Writes the source's own state (e.g. a mean teacher's weights) into a checkpoint folder."""
+
+    def load(self, folder: str, trainer) -> None:
+        """Restores what `save` wrote, when training resumes from `folder`."""
 
     def outputs(self, batch: dict, flags: dict) -> TeacherOutputs:
         raise NotImplementedError
