@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test demo demo-data-free quality style bench clean
+.PHONY: install test demo demo-data-free quality style bench bench-methods clean
 
 install: $(STAMP)
 
@@ -45,6 +45,11 @@ bench: install
 	$(PY) -m benchmarks.bench_steps --what faithfulness --out runs/bench/cache_faithfulness.json
 	$(PY) -m benchmarks.bench_steps --what steps --out runs/bench/cache_steps.json
 	$(PY) -m benchmarks.bench_generation --out runs/bench/generation.json
+
+# The survey's comparison table (issue 10): every scheme and algorithm on the demo task, 3 seeds each, on the same
+# slice of the training data (about an hour on 2 cores); reuses `make demo`'s teacher and data (or makes them).
+bench-methods: install
+	$(PY) recipes/methods.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

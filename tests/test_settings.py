@@ -36,6 +36,8 @@ from llmkd import (
     OnPolicyConfig,
     OnPolicyTrainer,
 )
+from llmkd.schemes import EarlyExitConfig, EarlyExitTrainer
+from llmkd.schemes.mutual import MutualConfig, MutualTrainer
 
 LOGITS, HIDDEN = {"knowledge": "logits", "loss": "forward_kl"}, {"knowledge": "hidden", "loss": "mse"}
 
@@ -49,11 +51,18 @@ RUNS = {
     "on_policy": ("on_policy", lambda: models(), lambda: prompt_completion_data(4), "llama", {"lmbda": 1.0}),
     "on_policy_off": ("on_policy", lambda: models(), lambda: prompt_completion_data(4), "llama", {"lmbda": 0.0}),
     "cross_tokenizer": ("cross_tokenizer", lambda: pair_models(), lambda: encoded(4), "llama", {}),
+    "mutual": ("mutual", lambda: (None, [seeded(BertForSequenceClassification, bert_config(2, 16, initializer_range=0.5), s)
+                                         for s in (1, 2)]), classification_dataset, "bert",
+               {"terms": [{**LOGITS, "weight": 0.5}]}),  # 2 peers, no teacher; forward and reverse KL give the
+    # same total over the peers (Σ_k KL(p_l ‖ p_k) is symmetric; only each peer's gradient differs): a weight shows it
+    "early_exit": ("early_exit", lambda: _self_taught(), classification_dataset, "bert", {"exit_layers": [1, 2]}),
 }  # fmt: skip
 SCHEMES = {
     "distill": (DistillationTrainer, DistillationConfig),
     "on_policy": (OnPolicyTrainer, OnPolicyConfig),
     "cross_tokenizer": (CrossTokenizerTrainer, CrossTokenizerConfig),
+    "mutual": (MutualTrainer, MutualConfig),
+    "early_exit": (EarlyExitTrainer, EarlyExitConfig),
 }
 
 # field -> the non-default value tried
@@ -75,6 +84,15 @@ ALTERNATIVES = {
     "top_p": 0.3,
     "uld_weight": 0.5,
     "uld_chunk_size": 3,
+    "num_peers": 3,
+    "mutual_target": "mean",
+    "peer_heads": "reinit",
+    "exit_layers": [1],
+    "exit_loss": "reverse_kl",
+    "exit_kd_weight": 0.5,
+    "exit_hint_weight": 0.5,
+    "exit_label_weight": 0.5,
+    "freeze_backbone": False,  # observed through dropout: a frozen backbone runs in eval mode
     "label_smoothing_factor": 0.2,  # TrainingArguments: applied by Trainer inside the compute_loss llmkd replaces
     "label_names": ["my_labels"],
 }
@@ -85,6 +103,13 @@ def _bert():  # wide initialisations: logits far enough apart that a KL term mov
     return teacher, seeded(
         BertForSequenceClassification, bert_config(layers=2, hidden=16, initializer_range=0.5), 1
     )
+
+
+def _self_taught():  # trainer early_exit: the model is its own teacher (passed as both)
+    config = bert_config(num_labels=3, initializer_range=0.5)
+    config.hidden_dropout_prob = 0.2
+    model = seeded(BertForSequenceClassification, config, 0)
+    return model, model
 
 
 def _llama(teacher_vocab=None):

@@ -9,7 +9,10 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, set_seed
 
 from llmkd.atomic import write_json
+from llmkd.cli.early_exit import own_models
+from llmkd.cli.ensemble import ensemble_source
 from llmkd.cli.recipe import FINETUNE, RunConfig, load_config, load_stages, trainer_classes
+from llmkd.cli.self_distill import GenerationSteps, born_again, mean_teacher_source
 from llmkd.data import glue
 from llmkd.data.collate import DistillationCollator
 from llmkd.data.loading import load_raw, tokenize, tokenize_pairs, tokenize_prompt_completion
@@ -183,6 +186,8 @@ def metrics_for(run, task: str, model_config):
 def distill(config_path: str, overrides: list[str] = ()) -> dict:
     """Runs a distillation recipe end to end, stage by stage; returns the last stage's report."""
     stages = load_stages(config_path, list(overrides), RunConfig)
+    if any(run.born_again for run, _ in stages):  # generations of self-distillation (llmkd.cli.self_distill)
+        return born_again(stages, GenerationSteps(distill_stage, build_data, metrics_for, REPORT))
     reports = [distill_stage(run, args) for run, args in stages]
     return reports[-1] | ({"stages": reports[:-1]} if len(reports) > 1 else {})
 
@@ -192,14 +197,28 @@ def distill_stage(run, args) -> dict:
     set_seed(args.seed)
     if getattr(run, "teacher_cache", None):
         return distill_from_cache(run, args)
-    task, teacher, teacher_tok, student, student_tok = build_models(run, args)
+    if run.trainer == "mutual":  # peers teach each other (llmkd.cli.mutual), built with this module's steps
+        from llmkd.cli.mutual import Steps, distill_mutual
+
+        steps = Steps(build_models, build_student, build_data, collator_of, metrics_for, train_and_report)
+        return distill_mutual(run, args, steps)
+    if run.trainer == "early_exit":  # the classifier teaches its own exits: loaded once, as both
+        task, teacher, teacher_tok, student, student_tok = own_models(run, args)
+    else:
+        task, teacher, teacher_tok, student, student_tok = build_models(run, args)
     both = teacher_tok if run.trainer == "cross_tokenizer" else None  # ULD: every row in both tokenizations
     train, evaluation = build_data(run, task, student_tok, teacher.config if task == SEQ_CLS else None, both)
+    source, extra = teacher, {}
+    if getattr(run, "teachers", None):  # several teachers (llmkd.cli.ensemble); `teacher:` built the student
+        source, train, evaluation, extra = ensemble_source(run, args, teacher, student_tok, train, evaluation)
+        teacher_tok = None  # each teacher's tokenizer was compared with the student's there
+    if run.mean_teacher is not None:  # the student's own moving average teaches it (llmkd.cli.self_distill)
+        source, extra = mean_teacher_source(run, student)
     trainer_cls = trainer_classes(run.trainer)[0]
     collator = None if both is not None else collator_of(run, task, student_tok)  # ULD: the trainer's own
     trainer = trainer_cls(
         model=student,
-        teacher=teacher,
+        teacher=source,
         args=args,
         train_dataset=train,
         eval_dataset=evaluation,
@@ -214,7 +233,7 @@ def distill_stage(run, args) -> dict:
         "task": task,
         "student": describe(student),
         "teacher_size": describe(teacher),
-    }
+    } | extra
     return train_and_report(trainer, args, report, run)
 
 

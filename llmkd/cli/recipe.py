@@ -75,6 +75,23 @@ class RunConfig(DataConfig):
 
     teacher: str | None = _help("Teacher: a Hub id or a local directory.")
     teacher_revision: str | None = _help("Hub revision of the teacher (branch, tag or commit).")
+    teachers: list | None = _help(
+        "Several teachers (multi-teacher distillation, llmkd.teachers.ensemble): a list of {model: Hub id or "
+        "folder} or {cache: classifier cache folder from `llmkd cache-teacher`} (a bare string is a model), each "
+        "with an optional name (default: the folder's name; a term reads one teacher with `teacher: NAME`) and "
+        "weight (read by teacher_combination weights and random). `teacher:` still builds the student and teaches "
+        "only if listed here. A model whose tokenizer differs from the student's reads its own tokenisation."
+    )
+    teacher_combination: str = _help(
+        "With teachers: how logit terms without `teacher:` combine them, mixing probabilities at the run's "
+        "temperature: mean, weights (fixed), confidence (per example, by top probability), entropy (per example, "
+        "softmax of minus the entropy), random (one teacher per optimizer step, from seed and step), route (per "
+        "example, the teacher route_column names).",
+        "mean",
+    )
+    route_column: str | None = _help(
+        "With teacher_combination: route: the data column that names each example's teacher (a name or index)."
+    )
     task: str | None = _help(f"{CAUSAL_LM} or {SEQ_CLS} (default: from the teacher's architectures).")
     student: str | None = _help("Student: a Hub id or a local directory.")
     student_layers: list | str | None = _help(
@@ -106,7 +123,11 @@ class RunConfig(DataConfig):
     trainer: str = _help(
         "Which trainer: distill (DistillationTrainer), on_policy (GKD: student-sampled completions; its keys "
         "lmbda, seq_kd, max_new_tokens, sampling_temperature, top_k, top_p), cross_tokenizer (ULD for a "
-        "student with another tokenizer; keys uld_weight, uld_chunk_size).",
+        "student with another tokenizer; keys uld_weight, uld_chunk_size), early_exit (FastBERT: exits on "
+        "the student's own layers, taught by its final layer; teacher names the student; keys exit_layers, "
+        "exit_loss, exit_kd_weight, exit_hint_weight, exit_label_weight, freeze_backbone), mutual (deep mutual "
+        "learning: num_peers peers built like the student teach each other, teacher only lends its layers; keys "
+        "num_peers, mutual_target, peer_heads).",
         "distill",
     )
     teacher_cache: str | None = _help(
@@ -128,6 +149,19 @@ class RunConfig(DataConfig):
         "trained in pure bf16).",
         "float32",
     )
+    mean_teacher: dict | None = _help(
+        "Self-distillation from a mean teacher (Tarvainen & Valpola 2017): the teacher is the exponential moving "
+        "average of the student, updated after every optimizer step, {decay: 0.999, warmup: false} (warmup: "
+        "decay_t = min(decay, 1 - 1/(t+1)), the authors' code); teacher: then only provides the student "
+        "(student_layers / student_config). See llmkd.teachers.ema."
+    )
+    born_again: dict | None = _help(
+        "Born-again networks (Furlanello et al. 2018): {generations: N, ensemble: false, student_init: null}: "
+        "generation 1 learns from teacher:, generation k from generation k-1, every student initialised alike "
+        "(student_layers / student_config from student_init, default the teacher); writes "
+        "output_dir/generation-k, output_dir = the last; ensemble: true also scores the generations' mean "
+        "probabilities. See llmkd.cli.self_distill."
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -145,6 +179,12 @@ class RunConfig(DataConfig):
         if self.task not in (None, CAUSAL_LM, SEQ_CLS):
             raise ValueError(f"task={self.task!r}: use {CAUSAL_LM} or {SEQ_CLS}")
         self._check_cache_options()
+        from llmkd.cli.self_distill import check_recipe  # the teacher sources load only once a recipe is read
+
+        check_recipe(self)
+        from llmkd.cli.ensemble import check_run  # teachers, teacher_combination, route_column
+
+        check_run(self)
 
     def _check_cache_options(self) -> None:
         if not isinstance(self.cache_top_k, int) or self.cache_top_k < 1:

@@ -87,7 +87,16 @@ def _missing(row: dict, ids_key: str, column: str, fill: int) -> list[int]:
     return list(row[ids_key]) if column == "labels" else [fill] * n
 
 
-STREAMS = ("teacher_",)  # column prefixes of other token streams (a teacher's own tokenisation)
+# Column prefixes of other token streams: a teacher's own tokenisation ("teacher_"), each ensemble member's
+# ("teacher@<name>.", llmkd.teachers.ensemble, which writes each member's pad id into the padded slots).
+STREAMS = ("teacher_", "teacher@")
+
+
+def member_streams(row: dict) -> list[str]:
+    """The ``teacher@<name>.`` prefixes of the ensemble members' own token streams in a row."""
+    return sorted(
+        k.removesuffix("input_ids") for k in row if k.startswith("teacher@") and k.endswith(".input_ids")
+    )
 
 
 def _in_stream(key: str, prefix: str) -> bool:
@@ -128,6 +137,7 @@ class DistillationCollator:
         streams = (
             ("", self.tokenizer, self.config),
             ("teacher_", self.teacher_tokenizer, self.teacher_config),
+            *((prefix, None, None) for prefix in member_streams(features[0])),
         )
         for prefix, tokenizer, config in streams:
             if f"{prefix}input_ids" not in features[0]:

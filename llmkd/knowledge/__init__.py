@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import math
 
+from llmkd.knowledge.adversarial import AdversarialKnowledge
 from llmkd.knowledge.attention import AttentionKnowledge
+from llmkd.knowledge.attention_relation import AttentionRelationKnowledge
 from llmkd.knowledge.base import Knowledge, Pair, Term, TermValues
 from llmkd.knowledge.cross_vocab import CrossVocabKnowledge
+from llmkd.knowledge.exits import ExitKnowledge
+from llmkd.knowledge.graph import FlowKnowledge, GraphKnowledge
 from llmkd.knowledge.hidden import HiddenKnowledge
 from llmkd.knowledge.labels import LabelKnowledge, label_term
 from llmkd.knowledge.layer_maps import freeze
@@ -26,6 +30,11 @@ KNOWLEDGE: dict[str, type[Knowledge]] = {
     "attention": AttentionKnowledge,
     "relation": RelationKnowledge,
     "cross_vocab": CrossVocabKnowledge,
+    "exits": ExitKnowledge,  # built by trainer: early_exit from its exit_* settings, not listed in terms
+    "adversarial": AdversarialKnowledge,
+    "graph": GraphKnowledge,
+    "flow": FlowKnowledge,
+    "attention_relation": AttentionRelationKnowledge,
 }
 
 TERM_KEYS = {"knowledge", "loss", "weight", "layer_map", "temperature", "teacher"}
@@ -43,6 +52,11 @@ def parse_term(spec: dict | Term, index: int = 0) -> Term:
     knowledge, name = spec.get("knowledge"), spec.get("loss")
     if knowledge not in KNOWLEDGE:
         raise ValueError(f"{where}: unknown knowledge {knowledge!r}; choose one of {', '.join(KNOWLEDGE)}")
+    if knowledge == "exits":
+        raise ValueError(
+            f"{where}: exits terms are built by trainer: early_exit from exit_kd_weight, exit_hint_weight and "
+            "exit_label_weight; remove this term and set those"
+        )
     try:
         loss = get_loss(knowledge, name)
     except ValueError as err:

@@ -59,6 +59,11 @@ class TermValues:
     values: Tensor
     mask: Tensor | None
     count: str
+    # Logged beside the term as `<term name>/<key>` and never part of its weighted mix nor of the logged `loss`.
+    # One with a gradient (the loss of an adapter that has its own optimizer: a discriminator's) is also added,
+    # unweighted and normalised like a term, to the loss that is backpropagated; it must reach only parameters
+    # that own optimizer steps (`Knowledge.own_optimizer`).
+    side: dict[str, TermValues] = field(default_factory=dict)
 
 
 @dataclass
@@ -112,6 +117,17 @@ class Knowledge:
         raise NotImplementedError
 
     def adapter(self) -> nn.Module | None:
+        return None
+
+    def own_optimizer(self, adapter: nn.Module, args) -> torch.optim.Optimizer | None:
+        """An optimizer of this term's own for (part of) its adapter, or None (default: it trains with the student).
+
+        Its parameters are left out of the trainer's optimizer; it is stepped once per optimizer step, right
+        after the trainer's optimizer and from the same gradients (clipped apart from the student's to
+        max_grad_norm), its gradients are zeroed with the student's, and its state is checkpointed beside the
+        auxiliary modules. Its parameters must get gradients only from the term's side losses
+        (`TermValues.side`). Called once, after the adapter has the student's device and dtype.
+        """
         return None
 
     def needs_full_logits(self, training: bool) -> bool:

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llmkd.losses.adversarial import ADVERSARIAL_LOSSES
+from llmkd.losses.attention_relation import ATTENTION_RELATION_LOSSES
 from llmkd.losses.common import masked_mean
 from llmkd.losses.cross_vocab import uld_loss
 from llmkd.losses.feature import (
@@ -28,6 +30,7 @@ from llmkd.losses.feature import (
     hidden_cosine,
     hidden_mse,
 )
+from llmkd.losses.graph import FLOW_LOSSES, GRAPH_LOSSES
 from llmkd.losses.kernels.chunked import chunked_logit_loss, fused_logit_distillation
 from llmkd.losses.relation import RELATION_LOSSES, pkt, rkd_angle, rkd_distance, similarity_preserving
 from llmkd.losses.response import (
@@ -85,6 +88,10 @@ LOSSES: dict[str, dict[str, Loss]] = {
     "attention": {name: _entry(fn) for name, fn in ATTENTION_LOSSES.items()},
     "relation": {name: _entry(fn) for name, fn in RELATION_LOSSES.items()},
     "cross_vocab": {"uld": _entry(uld_loss)},
+    "graph": {name: _entry(fn) for name, fn in GRAPH_LOSSES.items()},
+    "flow": {name: _entry(fn) for name, fn in FLOW_LOSSES.items()},
+    "attention_relation": {name: _entry(fn) for name, fn in ATTENTION_RELATION_LOSSES.items()},
+    "adversarial": {name: _entry(fn) for name, fn in ADVERSARIAL_LOSSES.items()},
 }
 
 SOFT_TARGET_LOSSES: frozenset[str] = frozenset(n for n, loss in LOSSES["logits"].items() if loss.soft_target)

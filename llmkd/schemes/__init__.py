@@ -10,6 +10,8 @@ from __future__ import annotations
 from llmkd.schemes.base import KDTrainer
 from llmkd.schemes.config import DistillationConfig
 from llmkd.schemes.cross_tokenizer import CrossTokenizerConfig, CrossTokenizerTrainer
+from llmkd.schemes.early_exit import EarlyExitConfig, EarlyExitTrainer
+from llmkd.schemes.mutual import MutualConfig, MutualTrainer
 from llmkd.schemes.offline import DistillationTrainer
 from llmkd.schemes.on_policy import OnPolicyConfig, OnPolicyTrainer
 
@@ -17,6 +19,8 @@ SCHEMES: dict[str, tuple[type[KDTrainer], type[DistillationConfig]]] = {
     "distill": (DistillationTrainer, DistillationConfig),
     "on_policy": (OnPolicyTrainer, OnPolicyConfig),
     "cross_tokenizer": (CrossTokenizerTrainer, CrossTokenizerConfig),
+    "early_exit": (EarlyExitTrainer, EarlyExitConfig),
+    "mutual": (MutualTrainer, MutualConfig),
 }
 
 
@@ -33,7 +37,11 @@ __all__ = [
     "CrossTokenizerTrainer",
     "DistillationConfig",
     "DistillationTrainer",
+    "EarlyExitConfig",
+    "EarlyExitTrainer",
     "KDTrainer",
+    "MutualConfig",
+    "MutualTrainer",
     "OnPolicyConfig",
     "OnPolicyTrainer",
     "scheme",

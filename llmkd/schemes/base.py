@@ -5,7 +5,8 @@ gradient-accumulation window, summed over processes), so one batch of 8, four ba
 4 give the same update. Terms come from `llmkd.knowledge` (what is compared), teacher outputs from a
 `llmkd.teachers` source (where they come from); a scheme subclasses this class and its config
 (`llmkd.schemes.config.DistillationConfig`) and overrides the few hooks it needs (`make_source`, `build_terms`,
-`get_batch_samples`, `scheme_facts`), never the reduction.
+`get_batch_samples`, `scheme_facts`), never the reduction. A term may also log side values beside it (never in
+`loss`) and keep an optimizer of its own for its auxiliary module (a discriminator: llmkd.schemes.own_optimizers).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from llmkd.losses import masked_mean
 from llmkd.modeling import CAUSAL_LM, base_model, forward_keys, select_inputs
 from llmkd.schemes import setup
 from llmkd.schemes.config import DistillationConfig, check_settings
+from llmkd.schemes.own_optimizers import OwnOptimizers, StepOwnOptimizers
 from llmkd.schemes.tally import Tally, per_example_sums
 from llmkd.teachers import as_source
 
@@ -78,6 +80,7 @@ class KDTrainer(Trainer):
         setup.check_best_metric(self.args, self.terms)
         check_settings(self.args, setup.facts(self) | self.scheme_facts())
         self.source.place(self)
+        self.own_optimizers = self._own_optimizers()
         self.tally = Tally()
         self._student_keys = forward_keys(model)
         self._counts = COUNTS | {k: f for t in self.terms for k, f in t.counts.items()}
@@ -87,6 +90,42 @@ class KDTrainer(Trainer):
             torch.manual_seed(seed)
             adapters = {str(t.index): a for t in self.terms if (a := t.adapter()) is not None}
         return AuxiliaryModules(model, adapters)
+
+    def _own_optimizers(self) -> OwnOptimizers:
+        """The terms' own optimizers (Knowledge.own_optimizer), built once the modules are on their device."""
+        own = {
+            name: opt
+            for t in self.terms
+            if (name := str(t.index)) in self.aux
+            and (opt := t.own_optimizer(self.aux[name], self.args)) is not None
+        }
+        own = OwnOptimizers(own)
+        own.check(self)
+        if len(own):
+            self.add_callback(StepOwnOptimizers(own))
+        return own
+
+    def create_optimizer(self, model=None):
+        with self.own_optimizers.hidden():  # their parameters are stepped by their own optimizers only
+            optimizer = super().create_optimizer(model)
+        self.own_optimizers.check_disjoint(optimizer)
+        return optimizer
+
+    def _clip_grad_norm(self, model):
+        if not len(self.own_optimizers):
+            return super()._clip_grad_norm(model)
+        # Each own optimizer's parameters apart from the student's (see llmkd.schemes.own_optimizers).
+        self.own_optimizers.clip(self.args.max_grad_norm)
+        return self.accelerator.clip_grad_norm_(self._main_parameters(model), self.args.max_grad_norm)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        if grad_norm is None and len(self.own_optimizers):  # the logged norm: the trainer's optimizer's
+            grad_norm = self.accelerator.clip_grad_norm_(self._main_parameters(model), float("inf"))
+        return super()._get_grad_norm(model, grad_norm)
+
+    def _main_parameters(self, model) -> list:
+        own = {id(p) for p in self.own_optimizers.parameters()}
+        return [p for p in model.parameters() if id(p) not in own]
 
     # ---- hooks for schemes -------------------------------------------------------------------------
     def make_source(self, teacher):
@@ -154,9 +193,25 @@ class KDTrainer(Trainer):
                     per_example_sums(tv.values, tv.mask, len(local["examples"])),
                     local[tv.count],
                 )
+            loss = loss + self._side_values(term.name, tv.side, window, local, columns)
         if training and self.args.average_tokens_across_devices and self.args.world_size > 1:
             loss = loss * self.args.world_size  # DDP averages gradients; the counts are already global
         return loss
+
+    def _side_values(self, name, side, window, local, columns) -> torch.Tensor:
+        """A term's side values (a discriminator's loss and accuracy): logged as `<name>/<key>`, never weighted
+        into `loss`; those with a gradient are backpropagated unweighted, reaching only own-optimizer parameters."""
+        backward = 0.0
+        for key, sv in side.items():
+            total = masked_mean(sv.values, sv.mask, num_items=1)
+            if sv.values.requires_grad:
+                backward = backward + masked_mean(total, num_items=window[sv.count])
+            if columns is None:
+                self.tally.add("train", f"{name}/{key}", total, local[sv.count].sum())
+            else:
+                sums = per_example_sums(sv.values, sv.mask, len(local["examples"]))
+                columns[f"{name}/{key}"] = (sums, local[sv.count])
+        return backward
 
     def forward_flags(self, training: bool) -> dict:
         needs = {n for t in self.terms for n in t.needs}
@@ -263,12 +318,16 @@ class KDTrainer(Trainer):
         )
         if len(self.aux) and self.args.should_save and not self._engine_checkpoints():
             self.aux.save(folder)
+        if len(self.own_optimizers) and self.args.should_save:
+            self.own_optimizers.save(folder)
         self.source.save(folder, self)  # a source with state of its own (a mean teacher) keeps it here
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         if len(self.aux) and not self._engine_checkpoints():
             self.aux.load(resume_from_checkpoint, self.args.device)
+        if len(self.own_optimizers):
+            self.own_optimizers.load(resume_from_checkpoint)
         self.source.load(resume_from_checkpoint, self)
 
     def _load_best_model(self):

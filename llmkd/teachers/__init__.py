@@ -2,6 +2,8 @@
 
 - ``live``: a frozen transformers model (`LiveTeacher`), placed for the back-end (copy, FSDP shards, ZeRO-3);
 - ``cache``: a teacher-logit cache folder written by `llmkd cache-teacher` (`CachedTeacher`); no weights.
+- ``ema``: a mean teacher, the exponential moving average of the student (`MeanTeacher`, llmkd.teachers.ema).
+- ``ensemble``: several teachers (models and classifier caches), their logits combined (`EnsembleTeacher`).
 
 `as_source` turns what a user passes as ``teacher=`` into a source. To add a source: a `TeacherSource` subclass
 in its own module and one entry here.
@@ -13,9 +15,16 @@ import os
 
 from llmkd.teachers.base import TeacherOutputs, TeacherSource, TopK
 from llmkd.teachers.cached.reader import CachedTeacher
+from llmkd.teachers.ema import MeanTeacher
+from llmkd.teachers.ensemble import EnsembleTeacher
 from llmkd.teachers.live import LiveTeacher
 
-TEACHERS: dict[str, type[TeacherSource]] = {"live": LiveTeacher, "cache": CachedTeacher}
+TEACHERS: dict[str, type[TeacherSource]] = {
+    "live": LiveTeacher,
+    "cache": CachedTeacher,
+    "ema": MeanTeacher,
+    "ensemble": EnsembleTeacher,
+}
 
 
 def as_source(teacher, input_prefix: str = "") -> TeacherSource:
@@ -34,4 +43,14 @@ def as_source(teacher, input_prefix: str = "") -> TeacherSource:
     return LiveTeacher(teacher, input_prefix)
 
 
-__all__ = ["TEACHERS", "CachedTeacher", "LiveTeacher", "TeacherOutputs", "TeacherSource", "TopK", "as_source"]
+__all__ = [
+    "TEACHERS",
+    "CachedTeacher",
+    "EnsembleTeacher",
+    "LiveTeacher",
+    "MeanTeacher",
+    "TeacherOutputs",
+    "TeacherSource",
+    "TopK",
+    "as_source",
+]

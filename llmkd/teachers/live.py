@@ -35,7 +35,8 @@ CROSS_TOKENIZER_HINT = (
 class LiveTeacher(TeacherSource):
     """`model` as a teacher source. `input_prefix="teacher_"` makes it read its own tokenisation of each example."""
 
-    provides = frozenset({"logits", "hidden_states", "attentions"})
+    # attention_relations: its forward runs the q/k/v projections llmkd.knowledge.attention_relation hooks
+    provides = frozenset({"logits", "hidden_states", "attentions", "attention_relations"})
 
     def __init__(self, model: nn.Module, input_prefix: str = ""):
         if not isinstance(model, nn.Module):
