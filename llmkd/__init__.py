@@ -15,8 +15,15 @@ _EXPORTS = {
     "OnPolicyTrainer": "llmkd.schemes.on_policy",
     "CrossTokenizerConfig": "llmkd.schemes.cross_tokenizer",
     "CrossTokenizerTrainer": "llmkd.schemes.cross_tokenizer",
+    "MutualConfig": "llmkd.schemes.mutual",
+    "MutualTrainer": "llmkd.schemes.mutual",
+    "EarlyExitConfig": "llmkd.schemes.early_exit",
+    "EarlyExitTrainer": "llmkd.schemes.early_exit",
+    "EarlyExitClassifier": "llmkd.students.exits",
     "Term": "llmkd.knowledge.base",
     "CachedTeacher": "llmkd.teachers.cached.reader",
+    "EnsembleTeacher": "llmkd.teachers.ensemble",
+    "MeanTeacher": "llmkd.teachers.ema",
     "student_from_teacher": "llmkd.students.from_teacher",
 }
 __all__ = sorted(_EXPORTS)

@@ -36,7 +36,6 @@ from llmkd.teachers.ensemble import EnsembleTeacher, label_order
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOGITS, HIDDEN = {"knowledge": "logits", "loss": "forward_kl"}, {"knowledge": "hidden", "loss": "mse"}
 
-
 # ---- the combinations, against naive float64 re-implementations of the formulas ---------------------------------
 
 
@@ -280,6 +279,12 @@ REFUSED = [
     (False, [{**HIDDEN, "teacher": "c"}], "names teacher 'c'; this ensemble has ['a', 'b']"),
     (False, [LOGITS, {"knowledge": "logits", "loss": "jsd", "temperature": 4.0}], "temperatures [2.0, 4.0]"),
     (False, [{"knowledge": "logits", "loss": "mse"}], "compares raw logits"),
+    (
+        False,
+        [LOGITS, {"knowledge": "adversarial", "loss": "nonsaturating", "temperature": 4.0}],
+        "[2.0, 4.0]",
+    ),
+    (False, [{"knowledge": "adversarial", "loss": "nonsaturating", "what": "pooled"}], "add `teacher: NAME`"),
     (True, [LOGITS, {**HIDDEN, "teacher": "b"}], "reads its own tokenisation"),
 ]
 

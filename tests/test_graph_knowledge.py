@@ -188,6 +188,20 @@ def test_bad_layer_maps_are_refused_before_training(term, message, bert_pair, tm
         make_trainer(teacher, student, "cls", tmp_path, [term])
 
 
+def test_irg_edges_need_three_examples_per_micro_batch(bert_pair, tmp_path):
+    # Edges normalised by the batch's largest distance are [[0, 1], [1, 0]] for any 2 examples: always 0.
+    pairs = torch.randn(2, 2, 5, dtype=torch.float64), torch.randn(2, 2, 7, dtype=torch.float64)
+    assert irg(*pairs, lambda_vertex=0.0, lambda_transform=0.0).item() == 0.0
+    assert irg(*(torch.randn(2, 3, d) for d in (5, 7)), lambda_vertex=0.0, lambda_transform=0.0).item() > 0
+    teacher, student = bert_pair
+    term = {"knowledge": "graph", "loss": "irg", "layer_map": [[1, 2], [2, 4]]}
+    with pytest.raises(ValueError, match="per_device_train_batch_size=2"):
+        make_trainer(teacher, student, "cls", tmp_path, [term], per_device_train_batch_size=2)
+    make_trainer(
+        teacher, student, "cls", tmp_path, [term | {"lambda_edge": 0.0}], per_device_train_batch_size=2
+    )
+
+
 def test_flow_uniform_map_is_the_flow_through_each_student_block(bert_pair, tmp_path):
     teacher, student = bert_pair  # 2 student layers, 4 teacher layers
     trainer = make_trainer(teacher, student, "cls", tmp_path, [{"knowledge": "flow", "loss": "fsp"}])

@@ -142,6 +142,9 @@ def test_the_teacher_is_a_frozen_copy_outside_the_student(tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert (out / "checkpoint-2" / WEIGHTS_FILE).is_file()
     assert json.loads((out / "checkpoint-2" / STATE_FILE).read_text())["step"] == 2
+    average = AutoModelForSequenceClassification.from_pretrained(out / "mean-teacher").state_dict()
+    assert all(torch.equal(average[k], v) for k, v in teacher.state_dict().items())  # the averaged model kept
+    assert not all(torch.equal(average[k], v) for k, v in trainer.model.state_dict().items() if k in average)
 
 
 def test_resume_restores_the_average_exactly(tmp_path):

@@ -46,8 +46,12 @@ logger = logging.getLogger(__name__)
 MEAN_TEACHER_KEYS = {"decay", "warmup"}
 BORN_AGAIN_KEYS = {"generations", "ensemble", "student_init"}
 INIT_DIR, STAMP = "student-init", "llmkd_inputs.json"
-# TrainingArguments fields that differ between processes or only say where to write: not a generation's inputs.
-NOT_INPUTS = {"output_dir", "local_rank", "resume_from_checkpoint", "logging_dir", "hub_token"}
+# TrainingArguments fields that differ between processes, only say where to write or what to log, or how fast to
+# evaluate: not a generation's inputs (changing them must not retrain a finished generation).
+NOT_INPUTS = {"output_dir", "local_rank", "resume_from_checkpoint", "logging_dir", "hub_token"} | {
+    "logging_steps", "logging_strategy", "logging_first_step", "report_to", "disable_tqdm", "run_name",
+    "per_device_eval_batch_size", "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
+}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)

@@ -65,6 +65,11 @@ class AdversarialKnowledge(Knowledge):
     count = "examples"
     default_layer_map = None
 
+    @classmethod
+    def needs_for(cls, term: Term) -> frozenset[str]:
+        pooled = (DEFAULTS | term.params).get("what") == "pooled"
+        return frozenset({"hidden_states"}) if pooled else cls.needs
+
     def __init__(self, term: Term, pair: Pair, index: int = 0):
         super().__init__(term, pair, index)
         settings = DEFAULTS | term.params

@@ -116,6 +116,12 @@ class Knowledge:
         """Tiny (student, teacher) inputs for the parse-time dry run of a term's loss and parameters."""
         raise NotImplementedError
 
+    @classmethod
+    def needs_for(cls, term: Term) -> frozenset[str]:
+        """What a term of this kind needs from both sides (its parameters may change it: adversarial
+        `what: pooled` reads hidden states). Read by sources that check terms before they are built."""
+        return cls.needs
+
     def adapter(self) -> nn.Module | None:
         return None
 

@@ -56,6 +56,14 @@ class GraphKnowledge(RelationKnowledge):
                 f"but layer_map {term.layer_map!r} maps one pair {self.pairs}; map at least two layer pairs "
                 "(e.g. layer_map: uniform) or set lambda_transform: 0"
             )
+        batch = getattr(pair.args, "per_device_train_batch_size", 3)
+        if _setting(self.loss, term.params, "lambda_edge") > 0 and batch < 3:
+            # Edges are divided by the batch's largest distance: with 2 examples both graphs are [[0, 1], [1, 0]].
+            raise ValueError(
+                f"{term.name}: the IRG edge term compares the distances between the examples of one micro-batch on "
+                f"one process, normalised by the largest, so per_device_train_batch_size={batch} (< 3) leaves it "
+                "exactly 0; use a per-device batch of at least 3 (accumulate fewer steps) or set lambda_edge: 0"
+            )
         self.widths = (hidden_width(pair.student), _teacher_width(pair, term))
         self.project = (
             self.widths[0] != self.widths[1] and _setting(self.loss, term.params, "lambda_vertex") > 0

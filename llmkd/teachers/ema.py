@@ -42,6 +42,11 @@ WEIGHTS_FILE = "llmkd_mean_teacher.safetensors"
 STATE_FILE = "llmkd_mean_teacher.json"
 
 
+MEAN_TEACHER_DIR = (
+    "mean-teacher"  # in output_dir at the end of training: the averaged model, a plain checkpoint
+)
+
+
 class MeanTeacher(LiveTeacher):
     """The EMA of `student` as the teacher. Pass the same `student` as the trainer's ``model=``.
 
@@ -184,6 +189,13 @@ class MeanTeacherUpdate(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.source.restored = False  # a later train() without resume starts from the student again
+        if (
+            state.is_world_process_zero
+        ):  # the average is often the better model (the paper evaluates it): keep it
+            folder = os.path.join(args.output_dir, MEAN_TEACHER_DIR)
+            self.source.model.save_pretrained(folder)
+            if kwargs.get("processing_class") is not None:
+                kwargs["processing_class"].save_pretrained(folder)
 
 
 def frozen_copy(student: nn.Module) -> nn.Module:

@@ -193,7 +193,8 @@ class EnsembleTeacher(TeacherSource):
             where = f"terms[{i}] ({term.knowledge} {term.loss})"
             if term.teacher is not None and term.teacher not in self.sources:
                 raise ValueError(f"{where} names teacher {term.teacher!r}; this ensemble has {names}")
-            features = KNOWLEDGE[term.knowledge].needs - RESPONSES
+            needs = KNOWLEDGE[term.knowledge].needs_for(term)
+            features = needs - RESPONSES
             if features and term.teacher is None and len(names) > 1:
                 raise ValueError(
                     f"{where} compares one teacher's {sorted(features)}, but there are {len(names)}: add "
@@ -203,8 +204,10 @@ class EnsembleTeacher(TeacherSource):
                 _check_feature_member(
                     where, term.teacher or names[0], self.sources, self.tokenizers, features
                 )
-            elif term.knowledge == "logits" and term.teacher is None:
-                if term.loss in RAW_LOGIT_LOSSES:
+            elif (
+                "logits" in needs and term.teacher is None
+            ):  # reads the mixture (logit and adversarial terms)
+                if term.knowledge == "logits" and term.loss in RAW_LOGIT_LOSSES:
                     raise ValueError(
                         f"{where}: {term.loss!r} compares raw logits, which a mixture of teachers' probabilities "
                         f"does not keep; use a KL/JSD-type loss, or name one teacher (`teacher:` one of {names})"
