@@ -130,7 +130,9 @@ def test_rerun_skips_finished_generations(tiny, tmp_path, caplog):
     out = tmp_path / "ban"
     distill(str(RECIPES / "born_again.yaml"), flags(tiny, out, ensemble=False))
     stamps = {g: (out / g / "model.safetensors").stat().st_mtime_ns for g in ("generation-1", "generation-2")}
-    with caplog.at_level(logging.INFO, logger="llmkd.cli.self_distill"):  # the evaluation batch size is not an input
+    with caplog.at_level(
+        logging.INFO, logger="llmkd.cli.self_distill"
+    ):  # the evaluation batch size is not an input
         again = distill(
             str(RECIPES / "born_again.yaml"), flags(tiny, out, ensemble=False, per_device_eval_batch_size="3")
         )
