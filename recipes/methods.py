@@ -46,6 +46,7 @@ class Method:
         ".",
     )  # model folders inside the run folder that are scored (mutual learning: every peer)
     extra: dict = field(default_factory=dict)  # flags; "{labels}" is the labels-only run of the same seed
+    more: dict = field(default_factory=dict)  # rows scored from the same runs: row name -> model subfolder
 
 
 # Multi-teacher: the three teachers the bench made (the recipe's own list names the default folders).
@@ -71,8 +72,13 @@ METHODS = {
             "--teacher": "{labels}",
             "--born_again": "{{generations: 2, ensemble: true, student_init: {teacher}}}",
         },
+        more={"born-again (generation 1)": "generation-1"},
     ),
-    "mean teacher (EMA)": Method("mean_teacher.yaml", "self (Tarvainen & Valpola 2017)"),
+    "mean teacher (EMA)": Method(
+        "mean_teacher.yaml",
+        "self (Tarvainen & Valpola 2017)",
+        more={"mean teacher: the averaged model": "mean-teacher"},
+    ),
     "adversarial": Method("adversarial.yaml", "adversarial (Xu et al. 2018)"),
     "IRG": Method("irg.yaml", "relation, graph (Liu et al. 2019)"),
     "FSP": Method("fsp.yaml", "relation, flow (Yim et al. 2017)"),
@@ -154,9 +160,12 @@ def scored_models(runs: dict[str, list[Path]]) -> dict[str, str]:
         if name == EXITS:
             continue
         for folder in folders:
+            seed = folder.name.rsplit("-", 1)[-1]
             for sub in METHODS[name].outputs:
                 suffix = "" if sub == "." else f" {sub}"
-                models[f"{name} ({folder.name.rsplit('-', 1)[-1]}{suffix})"] = str(folder / sub)
+                models[f"{name} ({seed}{suffix})"] = str(folder / sub)
+            for row, sub in METHODS[name].more.items():
+                models[f"{row} ({seed})"] = str(folder / sub)
     return models
 
 
@@ -171,7 +180,23 @@ def wall_minutes(folder: Path) -> float:
     return total / 60
 
 
-def evaluate(args, runs: dict, teacher: Path, data_dir: Path) -> dict:
+def training_slice(args, data_dir: Path, out: Path) -> tuple[Path, Path]:
+    """A seeded random sample of `--train-samples` training rows (the split is in source order, and its first
+    rows are nearly all positive, so a first-N slice would teach one class), and the rows left out, from which the
+    early-exit threshold is chosen. Written once; the same files for every method and seed."""
+    from datasets import load_dataset
+
+    train = load_dataset("json", data_files=str(data_dir / "train.jsonl"), split="train").shuffle(seed=0)
+    n = min(args.train_samples, len(train) - 1)
+    files = out / "data" / f"train-{n}.jsonl", out / "data" / "held-out.jsonl"
+    for path, rows in zip(files, (train.select(range(n)), train.select(range(n, len(train))))):
+        if not path.is_file():
+            text = "".join(json.dumps(row) + "\n" for row in rows)
+            atomic_write(str(path), lambda handle, text=text: handle.write(text))
+    return files
+
+
+def evaluate(args, runs: dict, teacher: Path, data_dir: Path, held_out: Path) -> dict:
     """Accuracy of every model on the validation split; CPU speed of the teacher and of one student per shape
     (every 2-layer student has the same architecture, so one timing serves them all)."""
     smoke = {"max_eval_samples": 32} if args.smoke else {}
@@ -188,10 +213,11 @@ def evaluate(args, runs: dict, teacher: Path, data_dir: Path) -> dict:
         speed_repeats=2 if args.smoke else 10,
         speed_seq_len=32 if args.smoke else 128,
     )
-    return {"scores": scores, "speed": speed, "exits": exit_curves(args, runs.get(EXITS, []), data_dir)}
+    curves = exit_curves(args, runs.get(EXITS, []), data_dir, held_out)
+    return {"scores": scores, "speed": speed, "exits": curves}
 
 
-def exit_curves(args, folders: list[Path], data_dir: Path) -> dict:
+def exit_curves(args, folders: list[Path], data_dir: Path, held_out_file: Path) -> dict:
     """Each seed's exit curve on the validation split (batch 1, the full model timed beside each threshold)."""
     from datasets import load_dataset
 
@@ -200,13 +226,12 @@ def exit_curves(args, folders: list[Path], data_dir: Path) -> dict:
     if not folders:
         return {}
     validation = load_dataset("json", data_files=str(data_dir / "validation.jsonl"), split="train")
-    train = load_dataset("json", data_files=str(data_dir / "train.jsonl"), split="train")
-    # The threshold is chosen on training rows no student or exit was trained on (after the slice), then
-    # scored on the validation split: choosing it on the validation split would flatter the row.
-    held_out = train.select(range(min(args.train_samples, len(train) - 1), len(train)))
+    # The threshold is chosen on training rows no student or exit was trained on, then scored on the
+    # validation split: choosing it on the validation split would flatter the row.
+    held_out = load_dataset("json", data_files=str(held_out_file), split="train")
     held_out = held_out.select(range(min(SELECTION_ROWS, len(held_out))))
     if args.smoke:
-        validation, held_out = validation.select(range(32)), train.select(range(len(train) - 8, len(train)))
+        validation, held_out = validation.select(range(32)), held_out.select(range(min(8, len(held_out))))
     curves = {}
     for folder in folders:
         select = exit_curve(folder, held_out, EXIT_THRESHOLDS, repeats=1, warmup=5)["points"]
@@ -231,20 +256,35 @@ def summarise(runs: dict, results: dict) -> dict:
         if name == EXITS:
             out["methods"][name] = exit_summary(results["exits"], folders, teacher)
             continue
-        entries = [m for key, m in models.items() if key.startswith(f"{name} (")]
-        scores = [m["score"] for m in entries]
-        minutes = [wall_minutes(f) for f in folders]
-        out["methods"][name] = {
-            "category": METHODS[name].category,
-            "models": len(entries),
-            "accuracy_mean": statistics.mean(scores),
-            "accuracy_sd": statistics.stdev(scores) if len(scores) > 1 else None,
-            "pct_of_teacher": 100 * statistics.mean(scores) / teacher,
-            "agreement_mean": statistics.mean(m["mean_agreement"] for m in entries),
-            "speedup": speedup,
-            "wall_minutes_mean": statistics.mean(minutes),
-        }
+        minutes = statistics.mean(wall_minutes(f) for f in folders)
+        for row in (name, *METHODS[name].more):  # rows scored from the same runs share their wall time
+            entries = [m for key, m in models.items() if key.startswith(f"{row} (")]
+            out["methods"][row] = row_summary(entries, teacher, speedup, minutes)
+            out["methods"][row]["category"] = METHODS[name].category + ("" if row == name else ", same runs")
+        if name.startswith("born-again"):
+            out["born_again_ensemble"] = ensemble_scores(folders)
     return out
+
+
+def row_summary(entries: list[dict], teacher: float, speedup, minutes: float) -> dict:
+    scores = [m["score"] for m in entries]
+    return {
+        "models": len(entries),
+        "accuracy_mean": statistics.mean(scores),
+        "accuracy_sd": statistics.stdev(scores) if len(scores) > 1 else None,
+        "pct_of_teacher": 100 * statistics.mean(scores) / teacher,
+        "agreement_mean": statistics.mean(m["mean_agreement"] for m in entries),
+        "speedup": speedup,
+        "wall_minutes_mean": minutes,
+    }
+
+
+def ensemble_scores(folders: list[Path]) -> list[float]:
+    """The born-again ensemble's accuracy (mean of the generations' probabilities) from each run's report."""
+    reports = [json.loads((f / REPORT).read_text()) for f in folders]
+    return [
+        r["born_again"]["ensemble"]["eval"]["eval_accuracy"] for r in reports if "ensemble" in r["born_again"]
+    ]
 
 
 def exit_summary(curves: dict, folders: list[Path], teacher: float) -> dict:
@@ -271,8 +311,11 @@ def markdown(summary: dict, args) -> str:
         f"# llmkd methods on Rotten Tomatoes: MiniLM teacher ({100 * summary['teacher_accuracy']:.1f}) vs 2-layer "
         "students",
         "",
-        f"Every student: teacher layers [0, 3], {args.train_samples} training sentences, {args.epochs:g} epoch(s), "
-        f"seeds 42–{41 + args.seeds}; scored on the 1,057 validation sentences. Command: `make bench-methods`.",
+        f"Every student: teacher layers [0, 3], the same {args.train_samples} training sentences (a seeded random "
+        f"sample), {args.epochs:g} epoch(s), seeds 42–{41 + args.seeds}; scored on the validation split. The "
+        "early-exit row is the teacher itself with exits, at the fastest threshold within 1 point of the full "
+        "model on held-out training rows. Speed-ups: batch-1 CPU latency vs the teacher. Command: "
+        "`make bench-methods`.",
         "",
         "| method | category | models | accuracy | Δ vs labels only | Δ vs logit KD | % of teacher | agreement | "
         "speed-up (latency, batch 1) | train min |",
@@ -291,6 +334,15 @@ def markdown(summary: dict, args) -> str:
             f"{deltas[1]} | {m['pct_of_teacher']:.1f}% | {agreement} | {speed} | "
             f"{m['wall_minutes_mean']:.1f} |"
         )
+    ensemble = summary.get("born_again_ensemble") or []
+    if ensemble:
+        sd = f" ± {100 * statistics.stdev(ensemble):.1f}" if len(ensemble) > 1 else ""
+        lines += ["", f"Born-again ensemble (mean of generations 1–2's probabilities): "
+                  f"{100 * statistics.mean(ensemble):.1f}{sd} over {len(ensemble)} seed(s)."]  # fmt: skip
+    exits = summary["methods"].get(EXITS)
+    if exits:
+        lines += ["", f"Early exits: thresholds {exits['thresholds']}, average exit layer "
+                  f"{exits['average_exit_layer']:.2f} of 6; curves in each run's exit_curve.json / .png."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -321,10 +373,11 @@ def main(argv=None) -> int:
     # The demo's data (prepared if missing) and the flags that point at it.
     data_dir, common = demo_data(args.data_dir, Path(args.demo), args.smoke)
     folders = teachers(args, common)
-    subset = ["--max_train_samples", str(args.train_samples), "--num_train_epochs", str(args.epochs)]
+    train_file, held_out = training_slice(args, data_dir, out)
+    subset = ["--train_file", str(train_file), "--num_train_epochs", str(args.epochs)]
     train_flags = [*common, *([] if args.smoke else subset)]  # smoke: the demo's smoke slice and two steps
     runs = run_methods(args, train_flags, folders)
-    results = evaluate(args, runs, folders[42], data_dir)
+    results = evaluate(args, runs, folders[42], data_dir, held_out)
     summary = summarise(runs, results)
     table = markdown(summary, args)
     write_json(str(out / "report.json"), {"summary": summary, "results": results})

@@ -92,6 +92,7 @@ ALTERNATIVES = {
     "exit_kd_weight": 0.5,
     "exit_hint_weight": 0.5,
     "exit_label_weight": 0.5,
+    "exit_pooling": "mean",
     "freeze_backbone": False,  # observed through dropout: a frozen backbone runs in eval mode
     "label_smoothing_factor": 0.2,  # TrainingArguments: applied by Trainer inside the compute_loss llmkd replaces
     "label_names": ["my_labels"],

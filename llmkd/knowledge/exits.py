@@ -63,7 +63,8 @@ class ExitKnowledge(Knowledge):
         self.loss = LOSSES["logits"].get(term.loss)
         self.task, config = pair.task, text_config(pair.student)
         self.layers = resolve_exit_layers(pair.args.exit_layers, num_layers(pair.student))
-        self.pooling = "last" if is_causal(pair.student) else "first"
+        own = "last" if is_causal(pair.student) else "first"  # what the model's own classifier reads
+        self.pooling = own if getattr(pair.args, "exit_pooling", "auto") == "auto" else pair.args.exit_pooling
         self.shape = (int(config.hidden_size), int(config.num_labels))
         self.init_std = float(getattr(config, "initializer_range", 0.02))
         self.temperature_value = float(pair.args.temperature)

@@ -66,6 +66,12 @@ class EarlyExitConfig(DistillationConfig):
     exit_label_weight: float = _field(
         0.0, "Weight (>= 0) of each exit's cross-entropy on the gold labels (Be Your Own Teacher)."
     )
+    exit_pooling: str = _field(
+        "auto",
+        "What each exit reads of its layer: auto (what the model's own classifier reads: an encoder's first token "
+        "[CLS], a decoder's last real token) or mean (the mean of the real tokens: better for sentence-embedding "
+        "backbones such as all-MiniLM-L6-v2, whose lower layers' [CLS] carries little).",
+    )
     freeze_backbone: bool = _field(
         True,
         "Train only the exits (FastBERT, for a fine-tuned model): the model's own parameters get "
@@ -116,6 +122,8 @@ def _check_exit_settings(args) -> None:
         args.exit_layers = sorted(layers)
     if args.exit_loss not in LOSSES["logits"]:
         raise ValueError(f"exit_loss={args.exit_loss!r}: choose one of {sorted(LOSSES['logits'])}")
+    if args.exit_pooling not in ("auto", "mean"):
+        raise ValueError(f"exit_pooling must be auto or mean, got {args.exit_pooling!r}")
     if not isinstance(args.freeze_backbone, bool):
         raise ValueError(f"freeze_backbone must be true or false, got {args.freeze_backbone!r}")
 

@@ -38,7 +38,7 @@ FORMAT = "llmkd-exits/1"
 # FastBERT's "speed" knob. At 0.1 a two-class exit must be ~98.8% sure (u(0.988) ≈ 0.1) before an example leaves:
 # conservative; pick another point of `llmkd.evaluation.exits.exit_curve` for more speed.
 DEFAULT_THRESHOLD = 0.1
-POOLINGS = ("first", "last")
+POOLINGS = ("first", "last", "mean")
 
 
 class ExitHead(nn.Module):
@@ -72,10 +72,16 @@ def make_exit_heads(width: int, num_labels: int, layers, init_std: float = 0.02)
 
 
 def pool_states(hidden: Tensor, attention_mask: Tensor | None, pooling: str) -> Tensor:
-    """(B, T, H) -> (B, H): the first token (encoders: [CLS]) or each row's last real token (decoders, whose
-    classifiers read their last token; found from the attention mask, so either padding side works)."""
+    """(B, T, H) -> (B, H): the first token (encoders: [CLS]), each row's last real token (decoders, whose
+    classifiers read their last token; found from the attention mask, so either padding side works), or the mean
+    of the real tokens ("mean": sentence-embedding backbones, whose lower layers' [CLS] carries little)."""
     if pooling == "first":
         return hidden[:, 0]
+    if pooling == "mean":
+        if attention_mask is None:
+            return hidden.mean(dim=1)
+        weights = attention_mask.to(hidden.device, hidden.dtype).unsqueeze(-1)
+        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
     if attention_mask is None:
         return hidden[:, -1]
     positions = torch.arange(hidden.shape[1], device=hidden.device)
