@@ -161,11 +161,7 @@ class KDTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         training = model.training
         local = self.local_counts(inputs)
-        window = (
-            num_items_in_batch
-            if isinstance(num_items_in_batch, dict)
-            else {k: v.sum() for k, v in local.items()}
-        )
+        window = self.window_counts(local, num_items_in_batch)
         student_out, adapted = self._student_forward(model, inputs, training)
         teacher_out = self._teacher_forward(inputs, training)
         columns = {} if not training else None
@@ -173,6 +169,13 @@ class KDTrainer(Trainer):
         if not training:
             self._eval_columns(columns, student_out, teacher_out, inputs, local)
         return (loss, student_out) if return_outputs else loss
+
+    @staticmethod
+    def window_counts(local: dict, num_items_in_batch) -> dict:
+        """Items of each count kind in the accumulation window (Trainer passes them), else in this batch."""
+        if isinstance(num_items_in_batch, dict):
+            return num_items_in_batch
+        return {k: v.sum() for k, v in local.items()}
 
     def mix_terms(self, student_out, teacher_out, adapted, inputs, window, local, columns) -> torch.Tensor:
         """Σ_terms weight · Σ values[mask] / window count for one student's outputs (schemes with several

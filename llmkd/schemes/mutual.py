@@ -281,11 +281,7 @@ class MutualTrainer(KDTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         training = model.training
         local = self.local_counts(inputs)
-        window = (
-            num_items_in_batch
-            if isinstance(num_items_in_batch, dict)
-            else {k: v.sum() for k, v in local.items()}
-        )
+        window = self.window_counts(local, num_items_in_batch)
         keys = set(self.scheme_columns())
         peers = model(**{k: v for k, v in inputs.items() if k in keys}, **self.forward_flags(training)).peers
         self.source.observe(inputs, peers)
