@@ -128,8 +128,7 @@ def test_label_spaces_are_aligned_by_name():
 
 
 def test_one_teacher_ensemble_is_the_live_teacher(tmp_path):
-    terms = [LOGITS, HIDDEN, {"knowledge": "relation", "loss": "rkd_distance"}]
-    teacher = tiny.bert()
+    terms, teacher = [LOGITS, HIDDEN, {"knowledge": "relation", "loss": "rkd_distance"}], tiny.bert()
 
     def run(source, folder, terms):
         return tiny.loss_and_grads(tiny.trainer_for(source, tmp_path / folder, terms=terms))
