@@ -132,6 +132,45 @@ def training_settings(tmp_path, **overrides) -> dict:
     return common | overrides
 
 
+def two_step_settings(out_dir, per_device_batch: int, accumulation: int, **overrides) -> dict:
+    """The 2-process comparison runs' TrainingArguments: two SGD steps (linear in the gradient: Adam would blow
+    float noise in ~0 gradients up to lr-sized steps), seeded, on CPU, nothing saved or reported."""
+    common = dict(
+        output_dir=str(out_dir),
+        per_device_train_batch_size=per_device_batch,
+        gradient_accumulation_steps=accumulation,
+        max_steps=2,
+        learning_rate=0.1,
+        optim="sgd",
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        disable_tqdm=True,
+        use_cpu=True,
+        logging_steps=1,
+    )
+    return common | overrides
+
+
+def dump_run(trainer, out_dir, files: dict) -> None:
+    """On the main process: each {file name: {key: tensor}} as safetensors in `out_dir`, and the world size."""
+    from safetensors.torch import save_file
+
+    if not trainer.is_world_process_zero():
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    for name, tensors in files.items():
+        save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out_dir, name))
+    with open(os.path.join(out_dir, "world_size.txt"), "w") as handle:
+        handle.write(str(trainer.args.world_size))
+
+
+def leave_together() -> None:
+    """End a worker: a rank exiting while its peer still talks to gloo can abort the peer (SIGABRT)."""
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
 def seeded(build, config, seed):
     torch.manual_seed(seed)
     return build(config)

@@ -12,8 +12,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import torch  # noqa: E402
-from conftest import LlamaForCausalLM, llama_config, lm_dataset, make_tokenizer, seeded  # noqa: E402
+from conftest import (
+    LlamaForCausalLM,
+    leave_together,
+    llama_config,
+    lm_dataset,
+    make_tokenizer,
+    seeded,
+    two_step_settings,
+)
 from safetensors.torch import save_file  # noqa: E402
 from transformers import DataCollatorForLanguageModeling  # noqa: E402
 
@@ -26,20 +33,9 @@ def train_mean_teacher(out_dir: str, per_device_batch: int, accumulation: int) -
     student = seeded(LlamaForCausalLM, llama_config(layers=2, hidden=16), 1)
     tok = make_tokenizer("llama")
     args = DistillationConfig(
-        output_dir=out_dir,
-        per_device_train_batch_size=per_device_batch,
-        gradient_accumulation_steps=accumulation,
-        max_steps=2,
-        learning_rate=0.1,
-        optim="sgd",
-        save_strategy="no",
-        report_to="none",
-        seed=0,
-        disable_tqdm=True,
-        use_cpu=True,
+        **two_step_settings(out_dir, per_device_batch, accumulation),
         terms=[{"knowledge": "logits", "loss": "forward_kl"}],
         hard_label_weight=0.5,  # the task loss moves the student at step 1, where it still equals its teacher
-        logging_steps=1,
     )
     trainer = DistillationTrainer(
         model=student,
@@ -59,6 +55,4 @@ def train_mean_teacher(out_dir: str, per_device_batch: int, accumulation: int) -
 if __name__ == "__main__":
     trainer = train_mean_teacher(sys.argv[1], per_device_batch=2, accumulation=2)
     assert trainer.args.world_size == 2, trainer.args.world_size  # two processes really ran
-    # Leave together: a rank exiting while its peer still talks to gloo can abort the peer (SIGABRT).
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    leave_together()

@@ -11,9 +11,16 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import torch  # noqa: E402
-from conftest import LlamaForCausalLM, llama_config, lm_dataset, make_tokenizer, seeded  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+from conftest import (
+    LlamaForCausalLM,
+    dump_run,
+    leave_together,
+    llama_config,
+    lm_dataset,
+    make_tokenizer,
+    seeded,
+    two_step_settings,
+)
 from transformers import DataCollatorForLanguageModeling  # noqa: E402
 
 from llmkd.schemes.mutual import MutualConfig, MutualTrainer  # noqa: E402
@@ -28,20 +35,9 @@ def peers() -> list:
 def train_and_dump(out_dir: str, per_device_batch: int, accumulation: int) -> MutualTrainer:
     tok = make_tokenizer("llama")
     args = MutualConfig(
-        output_dir=out_dir,
-        per_device_train_batch_size=per_device_batch,
-        gradient_accumulation_steps=accumulation,
-        max_steps=2,
-        learning_rate=0.1,
-        optim="sgd",  # linear in the gradient: Adam would blow float noise in ~0 gradients up to lr-sized steps
-        save_strategy="no",
-        report_to="none",
-        seed=0,
-        disable_tqdm=True,
-        use_cpu=True,
+        **two_step_settings(out_dir, per_device_batch, accumulation),
         temperature=2.0,
         hard_label_weight=0.5,
-        logging_steps=1,
     )
     trainer = MutualTrainer(
         model=peers(),
@@ -51,21 +47,13 @@ def train_and_dump(out_dir: str, per_device_batch: int, accumulation: int) -> Mu
         processing_class=tok,
     )
     trainer.train()
-    if trainer.is_world_process_zero():
-        os.makedirs(out_dir, exist_ok=True)
-        weights = {
-            f"peer{k}.{name}": tensor.contiguous()
-            for k, peer in enumerate(trainer.peers)
-            for name, tensor in peer.state_dict().items()
-        }
-        save_file(weights, f"{out_dir}/peers.safetensors")
-        with open(f"{out_dir}/world_size.txt", "w") as handle:
-            handle.write(str(trainer.args.world_size))
+    weights = {
+        f"peer{k}.{n}": t for k, peer in enumerate(trainer.peers) for n, t in peer.state_dict().items()
+    }
+    dump_run(trainer, out_dir, {"peers.safetensors": weights})
     return trainer
 
 
 if __name__ == "__main__":
     train_and_dump(sys.argv[1], per_device_batch=2, accumulation=2)
-    # Leave together: a rank exiting while its peer still talks to gloo can abort the peer (SIGABRT).
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    leave_together()
