@@ -25,6 +25,9 @@ _EXPORTS = {
     "EnsembleTeacher": "llmkd.teachers.ensemble",
     "MeanTeacher": "llmkd.teachers.ema",
     "student_from_teacher": "llmkd.students.from_teacher",
+    "FinetuneTrainer": "llmkd.publish.trainer",
+    "write_model_card": "llmkd.publish.card",
+    "last_complete_checkpoint": "llmkd.publish.checkpoints",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -346,8 +346,11 @@ def test_resume_restores_d_and_its_adam(bert_pair, tmp_path, monkeypatch):
     assert max((fresh[1][k] - full[1][k]).abs().max().item() for k in full[1]) > 1e-4
     monkeypatch.undo()
     os.remove(checkpoint / "llmkd_own_optimizers.json")
-    with pytest.raises(FileNotFoundError, match="own optimizers"):
+    with pytest.raises(ValueError, match="llmkd_own_optimizers.json is missing"):  # the marker lists it
         run("missing", str(checkpoint))
+    os.remove(checkpoint / "llmkd_checkpoint.json")  # a checkpoint llmkd did not mark: the loader's own check
+    with pytest.raises(FileNotFoundError, match="own optimizers"):
+        run("unmarked", str(checkpoint))
 
 
 def test_recipe_smoke(tiny_glue, tmp_path):  # noqa: F811

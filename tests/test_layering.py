@@ -25,6 +25,8 @@ LAYERS = {
     "llmkd.students": 3,
     "llmkd.teachers": 4,
     "llmkd.evaluation": 4,
+    "llmkd.publish": 4,  # model cards and checkpoints that the base trainer writes
+    "llmkd.export": 5,  # ONNX export: checks its model with llmkd.evaluation
     "llmkd.schemes": 5,
     "llmkd.cli": 6,
     "llmkd.models": 6,  # kept for `from llmkd.models import student_from_teacher`

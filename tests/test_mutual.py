@@ -233,7 +233,7 @@ def test_resume_and_saved_peers(tmp_path):
     full = make(bert_peers(2), tmp_path / "full", **settings)
     full.train()
     checkpoint = tmp_path / "full" / "out" / "checkpoint-2"
-    assert {"peer-0", "peer-1", "training_args.json", "optimizer.pt"} <= set(os.listdir(checkpoint))
+    assert {"peer-0", "peer-1", "training_args.json", "optimizer.safetensors"} <= set(os.listdir(checkpoint))
     assert "training_args.bin" not in os.listdir(checkpoint)  # JSON, nothing to unpickle
     resumed = make(bert_peers(2), tmp_path / "resumed", **settings)
     resumed.train(resume_from_checkpoint=str(checkpoint))
@@ -259,8 +259,11 @@ def test_resume_and_saved_peers(tmp_path):
             assert len(AutoTokenizer.from_pretrained(folder)) == len(full.processing_class)
     # control: a checkpoint without a peer's weights is refused, not silently started from scratch
     os.remove(checkpoint / "peer-1" / "model.safetensors")
-    with pytest.raises(FileNotFoundError, match="peer"):
+    with pytest.raises(ValueError, match="peer-1/model.safetensors is missing"):  # the completion marker's list
         make(bert_peers(2), tmp_path / "again", **settings).train(resume_from_checkpoint=str(checkpoint))
+    os.remove(checkpoint / "llmkd_checkpoint.json")  # unmarked: the peers' loader refuses it too
+    with pytest.raises(FileNotFoundError, match="peer"):
+        make(bert_peers(2), tmp_path / "again2", **settings).train(resume_from_checkpoint=str(checkpoint))
 
 
 # ---- metrics, diversity, refusals, recipe --------------------------------------------------------------------

@@ -31,12 +31,12 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from transformers import AutoConfig, AutoTokenizer, EvalPrediction
-from transformers.trainer_utils import get_last_checkpoint
 
 from llmkd.atomic import write_json
 from llmkd.content import checkpoint_key, file_sha256, teacher_key
 from llmkd.data.collate import DistillationCollator
 from llmkd.modeling import CAUSAL_LM, forward_keys, select_inputs
+from llmkd.publish.checkpoints import last_complete_checkpoint
 from llmkd.students.from_teacher import student_from_config, student_from_teacher
 from llmkd.students.loading import detect_task, load_model, resolve_path
 from llmkd.teachers.ema import MeanTeacher
@@ -219,7 +219,7 @@ def _generation(run, args, k: int, teacher: str, student: str, steps: Generation
         run, teacher=teacher, teacher_revision=revision, born_again=None, student=student,
         student_layers=None, student_config=None,
     )  # fmt: skip
-    last = get_last_checkpoint(folder) if os.path.isdir(folder) else None
+    last = last_complete_checkpoint(folder)  # a checkpoint a kill left half-written is skipped
     gen_args = dataclasses.replace(args, output_dir=folder, resume_from_checkpoint=last)
     report = steps.distill(gen_run, gen_args)
     _barrier()  # the next generation loads this one's weights

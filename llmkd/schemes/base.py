@@ -11,25 +11,24 @@ gradient-accumulation window, summed over processes), so one batch of 8, four ba
 
 from __future__ import annotations
 
-import os
-
 import torch
 from transformers import Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from llmkd.knowledge.adapters import AUX, AuxiliaryModules
 from llmkd.knowledge.counts import COUNTS, per_example
 from llmkd.knowledge.logits import agreement
 from llmkd.losses import masked_mean
 from llmkd.modeling import CAUSAL_LM, base_model, forward_keys, select_inputs
+from llmkd.publish.trainer import SafeCheckpoints
 from llmkd.schemes import setup
 from llmkd.schemes.config import DistillationConfig, check_settings
+from llmkd.schemes.diagnostics import Diagnostics
 from llmkd.schemes.own_optimizers import OwnOptimizers, StepOwnOptimizers
 from llmkd.schemes.tally import Tally, per_example_sums
 from llmkd.teachers import as_source
 
 
-class KDTrainer(Trainer):
+class KDTrainer(SafeCheckpoints, Trainer):  # SafeCheckpoints: complete checkpoints, no pickles
     """A `transformers.Trainer` that trains `model` (the student) on a weighted mix of distillation terms.
 
     Args:
@@ -82,6 +81,7 @@ class KDTrainer(Trainer):
         self.source.place(self)
         self.own_optimizers = self._own_optimizers()
         self.tally = Tally()
+        self.diagnostics = Diagnostics(self)  # entropies, agreement, top-k mass, the no-signal guard
         self._student_keys = forward_keys(model)
         self._counts = COUNTS | {k: f for t in self.terms for k, f in t.counts.items()}
 
@@ -191,6 +191,7 @@ class KDTrainer(Trainer):
             if training:
                 for split in ("train", "run"):  # since the last log; since the start (train_loss)
                     self.tally.add(split, term.name, total, local[tv.count].sum())
+                self.diagnostics.observe(term, student_out, side, inputs)
             else:
                 columns[term.name] = (
                     per_example_sums(tv.values, tv.mask, len(local["examples"])),
@@ -273,6 +274,7 @@ class KDTrainer(Trainer):
                 logs[key] = self._mix(values, default=logs[key])
                 if split == "train":
                     logs.update(values)
+                    self.diagnostics.check(logs)
         super().log(logs, start_time)
 
     def _mix(self, values: dict[str, float], default: float | None = None) -> float | None:
@@ -314,11 +316,8 @@ class KDTrainer(Trainer):
         """FSDP and DeepSpeed checkpoint the whole wrapped model, auxiliary modules included, themselves."""
         return self.is_fsdp_enabled or self.is_deepspeed_enabled
 
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        folder = os.path.join(
-            self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        )
+    def save_checkpoint_extras(self, folder: str) -> None:
+        # Called by SafeCheckpoints._save_checkpoint after transformers' files, before the completion marker.
         if len(self.aux) and self.args.should_save and not self._engine_checkpoints():
             self.aux.save(folder)
         if len(self.own_optimizers) and self.args.should_save:

@@ -35,10 +35,7 @@ How it runs (the base trainer keeps the counting, the reduction, metrics and che
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import math
-import os
 import re
 from dataclasses import dataclass
 
@@ -48,10 +45,10 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase, ProcessorMixin
 from transformers.trainer_utils import EvalPrediction, align_special_tokens
 
-from llmkd.atomic import write_json
 from llmkd.knowledge import TermValues
 from llmkd.losses.bucketed import RAW_LOGIT_LOSSES
 from llmkd.modeling import base_model
+from llmkd.publish.checkpoints import save_training_args
 from llmkd.schemes.base import KDTrainer
 from llmkd.schemes.cohort import (
     CohortOutput,
@@ -59,19 +56,18 @@ from llmkd.schemes.cohort import (
     as_cohort,
     check_distinct,
     load_peers,
+    mean_prediction,
     peer_name,
     reinit_heads,
     save_peers,
 )
 from llmkd.schemes.config import DistillationConfig, _field
-from llmkd.teachers import TeacherOutputs
 
 logger = logging.getLogger(__name__)
 
 TARGETS = ("pairwise", "mean")
 PEER_HEADS = ("keep", "reinit")
 TEACHER_FIELDS = ("teacher_dtype", "teacher_placement", "vocab_mismatch", "shared_vocab_size")
-ARGS_FILE = "training_args.json"  # the run's settings as JSON (transformers' training_args.bin is a pickle)
 PEER_TERM = re.compile(r"peer\d+/")
 
 
@@ -175,12 +171,6 @@ class PeerTerm:
             return self.inner.values(student_out, mean, batch, adapted)
         parts = [self.inner.values(student_out, other, batch, adapted) for other in others]
         return TermValues(sum(p.values for p in parts) / len(parts), parts[0].mask, parts[0].count)
-
-
-def mean_prediction(others: list, temperature: float) -> TeacherOutputs:
-    """p̄ = mean_l softmax(z_l / T) as logits T · log p̄, which a loss at temperature T turns back into p̄."""
-    log_p = torch.stack([torch.log_softmax(o.logits.float() / temperature, dim=-1) for o in others])
-    return TeacherOutputs(logits=temperature * (torch.logsumexp(log_p, dim=0) - math.log(len(others))))
 
 
 class MutualTrainer(KDTrainer):
@@ -311,7 +301,7 @@ class MutualTrainer(KDTrainer):
         if not self.args.should_save:
             return
         save_peers(self.accelerator.unwrap_model(self.model), output_dir, self.processing_class)
-        write_json(os.path.join(output_dir, ARGS_FILE), json.loads(self.args.to_json_string()))
+        save_training_args(self.args, output_dir)  # JSON, as every llmkd trainer (llmkd.publish.checkpoints)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         load_peers(model if model is not None else self.model, resume_from_checkpoint)
