@@ -67,6 +67,7 @@ SCHEMES = {
 
 # field -> the non-default value tried
 ALTERNATIVES = {
+    "diagnostics": False,
     "terms": [{"knowledge": "logits", "loss": "reverse_kl"}],
     "temperature": 3.0,
     "hard_label_weight": 0.9,
@@ -154,6 +155,8 @@ def observe(trainer) -> dict:
         "fused": trainer.fused,
         "chunk": chunk,
         "teacher_dtype": None if teacher is None else next(teacher.parameters()).dtype,
+        "logged": sorted(trainer.tally.store["train"]),  # diagnostics: the names tallied beside the terms
+        "guard": trainer.diagnostics.enabled,
     }
 
 

@@ -64,5 +64,5 @@ class AttentionKnowledge(LayerKnowledge):
         mask = tokens(batch, self.task)
         extra = {"key_mask": mask} if self._key_mask else {}
         s_maps, t_maps = student_out.attentions, teacher_out.attentions
-        per = sum(self.loss(s_maps[s], t_maps[t], **extra, **self.term.params) for s, t in self.pairs)
-        return TermValues(per / len(self.pairs), mask, "tokens")
+        parts = [self.loss(s_maps[s], t_maps[t], **extra, **self.term.params) for s, t in self.pairs]
+        return TermValues(sum(parts) / len(parts), mask, "tokens", self.layer_values(parts, mask, "tokens"))

@@ -180,7 +180,7 @@ class AttentionRelationKnowledge(LayerKnowledge):
         student = self.captures["student"].take(self.keys["student"])
         teacher = self.captures["teacher"].take(self.keys["teacher"])
         mask = tokens(batch, self.task)
-        per = sum(
+        parts = [
             self.loss(
                 {r: student[(s, r)] for r in self.relations},
                 {r: teacher[(t, r)] for r in self.relations},
@@ -188,5 +188,5 @@ class AttentionRelationKnowledge(LayerKnowledge):
                 **self.params,
             )
             for s, t in self.pairs
-        )
-        return TermValues(per / len(self.pairs), mask, "tokens")
+        ]
+        return TermValues(sum(parts) / len(parts), mask, "tokens", self.layer_values(parts, mask, "tokens"))

@@ -165,7 +165,16 @@ class LayerKnowledge(Knowledge):
         n_teacher = int(pair.source.member(term.teacher).config.get_text_config().num_hidden_layers)
         self.pairs = layer_maps.resolve(term.layer_map, num_layers(pair.student), n_teacher, self.layer_kind)
         self.task = pair.task
+        self.per_layer = getattr(pair.args, "diagnostics", True)  # log each layer pair's value (layer_values)
 
     @classmethod
     def check_layer_map(cls, layer_map, where: str) -> None:
         layer_maps.check_shape(layer_map, where)
+
+    def layer_values(self, parts: list, mask: Tensor | None, count: str) -> dict[str, TermValues]:
+        """Side values (`TermValues.side`) of each layer pair: `parts[i]` is the term's values for `self.pairs[i]`,
+        logged as `<term>/layer<t>-><s>` (teacher layer t into student layer s; a term's value is their mean).
+        Detached: diagnostics only, never backpropagated. None with one pair (it is the term) or diagnostics off."""
+        if not self.per_layer or len(parts) < 2:
+            return {}
+        return {f"layer{t}->{s}": TermValues(v.detach(), mask, count) for (s, t), v in zip(self.pairs, parts)}

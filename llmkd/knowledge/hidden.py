@@ -45,5 +45,6 @@ class HiddenKnowledge(LayerKnowledge):
     def values(self, student_out, teacher_out, batch, adapted) -> TermValues:
         s_states = adapted if adapted is not None else student_out.hidden_states
         t_states = teacher_out.hidden_states
-        per = sum(self.loss(s_states[s], t_states[t], **self.term.params) for s, t in self.pairs)
-        return TermValues(per / len(self.pairs), tokens(batch, self.task), "tokens")
+        parts = [self.loss(s_states[s], t_states[t], **self.term.params) for s, t in self.pairs]
+        mask = tokens(batch, self.task)
+        return TermValues(sum(parts) / len(parts), mask, "tokens", self.layer_values(parts, mask, "tokens"))

@@ -54,5 +54,7 @@ class RelationKnowledge(LayerKnowledge):
         pooled = [
             (pool(s_states[s], mask, causal_s), pool(t_states[t], mask, causal_t)) for s, t in self.pairs
         ]
-        per = sum(self.loss(s, t, **self.term.params) for s, t in pooled) / len(self.pairs)
-        return TermValues(per.expand(batch["input_ids"].shape[0]), None, "examples")
+        n = batch["input_ids"].shape[0]
+        parts = [self.loss(s, t, **self.term.params).expand(n) for s, t in pooled]
+        side = self.layer_values(parts, None, "examples")
+        return TermValues(sum(parts) / len(parts), None, "examples", side)

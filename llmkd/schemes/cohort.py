@@ -11,6 +11,7 @@ differ). Every peer is saved as a plain checkpoint in ``<folder>/peer-{k}`` and 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -238,3 +239,9 @@ def read_weights(folder: str) -> dict:
     for name in files:
         state |= load_file(os.path.join(folder, name))
     return state
+
+
+def mean_prediction(others: list, temperature: float) -> TeacherOutputs:
+    """p̄ = mean_l softmax(z_l / T) as logits T · log p̄, which a loss at temperature T turns back into p̄."""
+    log_p = torch.stack([torch.log_softmax(o.logits.float() / temperature, dim=-1) for o in others])
+    return TeacherOutputs(logits=temperature * (torch.logsumexp(log_p, dim=0) - math.log(len(others))))

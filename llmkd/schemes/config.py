@@ -95,6 +95,13 @@ class DistillationConfig(TrainingArguments):
         "With vocab_mismatch=slice: the real vocabulary size (default: the smaller of the two).",
         "slice",
     )
+    diagnostics: bool = _field(
+        True,
+        "Log training diagnostics beside the terms (llmkd.schemes.diagnostics): teacher/student entropy of the "
+        "soft targets, top-1 agreement, a cache's top-k mass, per-layer values of feature terms, and a one-time "
+        "warning when distillation gives no signal. Measured on the steps that log, under no_grad, from outputs "
+        "the terms already have; false skips them.",
+    )
 
     def __post_init__(self):
         best_direction_given = self.greater_is_better is not None
@@ -110,6 +117,8 @@ class DistillationConfig(TrainingArguments):
         _choice("teacher_dtype", self.teacher_dtype, TEACHER_DTYPES)
         _choice("teacher_placement", self.teacher_placement, TEACHER_PLACEMENTS)
         _choice("vocab_mismatch", self.vocab_mismatch, VOCAB_MISMATCH)
+        if not isinstance(self.diagnostics, bool):
+            raise ValueError(f"diagnostics must be true or false, got {self.diagnostics!r}")
         if (
             not isinstance(self.logit_chunk_size, int)
             or isinstance(self.logit_chunk_size, bool)
