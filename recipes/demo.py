@@ -6,6 +6,7 @@
 2. fine-tunes all-MiniLM-L6-v2 into the teacher (recipes/demo/teacher.yaml; cached: a second run skips it),
 3. distils a 2-layer student initialised from teacher layers (recipes/demo/distil.yaml), and trains the same
    student on the gold labels only as the control (recipes/demo/baseline.yaml), once per seed,
+   and exports the seed-42 distilled student to ONNX Runtime, float32 and int8 (llmkd export),
 4. prints the teacher-vs-student table and writes report.md / report.json / score_vs_speedup.png.
 
 Every finished step leaves its `llmkd_report.json` and `demo_inputs.json` (its recipe, data and models by content
@@ -146,16 +147,40 @@ def main(argv=None) -> int:
             folder = out / f"student-{recipe.split('.')[0]}-seed{seed}"
             run_once(distill, recipe, folder, [*common, "--teacher", str(teacher), "--seed", str(seed)])
             students.setdefault(method, []).append(folder)
-    table = evaluate_and_report(out, teacher, students, data_dir, smoke=args.smoke)
+    onnx = export_onnx_student(students["distilled"][0], data_dir, args.smoke)
+    table = evaluate_and_report(out, teacher, students, data_dir, smoke=args.smoke, extra=onnx)
     print(table)
     return 0
 
 
-def evaluate_and_report(out: Path, teacher: Path, students: dict, data_dir: Path, smoke: bool) -> str:
-    """Teacher and every student on the real validation split; students of one method averaged over seeds."""
+def export_onnx_student(student: Path, data_dir: Path, smoke: bool) -> dict[str, str]:
+    """The seed-42 distilled student exported to ONNX (float32 and int8) in student/onnx, checked against PyTorch
+    on the validation split; redone only when the student or the data change. {report row: model path}."""
+    from llmkd.export.onnx import export_onnx
+
+    folder, validation = student / "onnx", data_dir / "validation.jsonl"
+    inputs = {"student": checkpoint_key(student), "validation": content(validation), "quantize": "int8"}
+    # quiet: a reused export says nothing (the demo's own steps are the ones it reports reusing)
+    if not ready(folder / "llmkd_export.json", folder / INPUTS, inputs, [folder], quiet=True):
+        print(f"[demo] ONNX export -> {folder}")
+        export_onnx(
+            student, folder, "int8", validation_file=str(validation), max_samples=32 if smoke else None
+        )
+    return {
+        "student, ONNX Runtime": str(folder / "model.onnx"),
+        "student, ONNX Runtime int8": str(folder / "model_int8.onnx"),
+    }
+
+
+def evaluate_and_report(
+    out: Path, teacher: Path, students: dict, data_dir: Path, smoke: bool, extra: dict | None = None
+) -> str:
+    """Teacher and every student on the real validation split; students of one method averaged over seeds;
+    `extra` {row: path} adds other models (the ONNX exports) as their own rows."""
     checkpoints = {"teacher": str(teacher)}
     for method, folders in students.items():
         checkpoints.update({f"{method} ({f.name.rsplit('-', 1)[-1]})": str(f) for f in folders})
+    checkpoints.update(extra or {})
     results = evaluate_checkpoints(
         checkpoints,
         task="sst2",
@@ -182,7 +207,7 @@ def summarise(results: dict, students: dict) -> dict:
         out["methods"][method] = {
             "seeds": len(runs),
             "accuracy_mean": statistics.mean(scores),
-            "accuracy_sd": statistics.stdev(scores) if len(scores) > 1 else 0.0,
+            "accuracy_sd": statistics.stdev(scores) if len(scores) > 1 else None,  # one seed: no spread
             "pct_of_teacher": 100 * statistics.mean(scores) / teacher,
             "agreement_mean": statistics.mean(m["mean_agreement"] for m in runs),
             "speedup_mean": statistics.mean(m["speedup"] for m in runs),
@@ -198,8 +223,10 @@ def summary_markdown(summary: dict) -> str:
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for method, m in summary["methods"].items():
+        sd = m["accuracy_sd"]
+        spread = f" ± {100 * sd:.1f}" if sd is not None else f" ({m['seeds']} seed)"
         lines.append(
-            f"| {method} | {m['seeds']} | {100 * m['accuracy_mean']:.1f} ± {100 * m['accuracy_sd']:.1f} | "
+            f"| {method} | {m['seeds']} | {100 * m['accuracy_mean']:.1f}{spread} | "
             f"{m['pct_of_teacher']:.1f}% | {m['agreement_mean']:.3f} | ×{m['speedup_mean']:.2f} |"
         )
     return "\n".join(lines) + "\n"

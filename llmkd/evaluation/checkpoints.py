@@ -1,5 +1,6 @@
 """Teacher-vs-student evaluation on GLUE-format tasks: scores, agreement, size and CPU speed, as a report.
 
+Checkpoints are PyTorch folders, in-memory models or ONNX exports (`llmkd.evaluation.onnx_runtime.OrtClassifier`).
 `evaluate_checkpoints` returns a JSON-able dict; `write_report` turns it into report.md, report.json and
 score_vs_speedup.png. `main` is the `llmkd eval` / `python eval/glue.py` command line.
 """
@@ -27,13 +28,14 @@ from llmkd.data.glue import (
     to_dataset_order,
 )
 from llmkd.evaluation.metrics import compute_metrics, predicted_labels, task_score
+from llmkd.evaluation.onnx_runtime import OrtClassifier, load_config, onnx_file
 
 
 def check_checkpoints(checkpoints: Mapping, tasks: Sequence[str], tokenizer, speed_seq_len=None) -> None:
     """Labels, tokenizer and speed input length of every checkpoint, from configs: fail before evaluating any."""
     for name, source in checkpoints.items():
         in_memory = isinstance(source, nn.Module)
-        config = source.config if in_memory else AutoConfig.from_pretrained(os.fspath(source))
+        config = source.config if in_memory else _config(source)
         if in_memory and tokenizer is None:
             raise ValueError(f"checkpoint {name!r} is an in-memory model: it needs a tokenizer=...")
         for task in tasks:
@@ -49,23 +51,53 @@ def check_checkpoints(checkpoints: Mapping, tasks: Sequence[str], tokenizer, spe
             )
 
 
+def _config(source):
+    """A checkpoint's config: the folder's, or for an exported model the one saved beside its .onnx file."""
+    onnx = onnx_file(source)
+    if onnx is not None:
+        return load_config(os.path.dirname(os.path.abspath(onnx)))
+    return AutoConfig.from_pretrained(os.fspath(source))
+
+
 def load_checkpoint(source, tokenizer=None):
-    """(model in eval mode, tokenizer, description) from a directory / Hub id or an in-memory model."""
+    """(model in eval mode, tokenizer, description) from a directory / Hub id, an in-memory model, or an ONNX
+    export (a .onnx file, or a folder with model.onnx and no PyTorch weights: run by ONNX Runtime on CPU)."""
     if isinstance(source, nn.Module):
         return source.eval(), tokenizer, f"<in-memory {type(source).__name__}>"
     path = os.fspath(source)
+    onnx = onnx_file(path)
+    if onnx is not None:
+        model = OrtClassifier(onnx)
+        return model, tokenizer or AutoTokenizer.from_pretrained(model.folder), onnx
     model = AutoModelForSequenceClassification.from_pretrained(path)
     return model.eval(), tokenizer or AutoTokenizer.from_pretrained(path), path
 
 
-@torch.inference_mode()
+def _device(model) -> torch.device:
+    # An ONNX Runtime model has no torch parameters; it says where it runs.
+    return model.device if isinstance(model, OrtClassifier) else next(model.parameters()).device
+
+
+def count_parameters(model) -> int:
+    if isinstance(model, OrtClassifier):
+        return model.num_parameters()
+    return sum(p.numel() for p in model.parameters())
+
+
 def predict_logits(model, tokenizer, dataset, task: str, batch_size: int, max_length: int) -> np.ndarray:
     """Logits (N, C) for the dataset's text columns, in dataset order, in float32."""
-    device = next(model.parameters()).device
     columns = [dataset[c] for c in get_task(task).text_columns]
+    return logits_for_texts(model, tokenizer, columns, batch_size, max_length)
+
+
+@torch.inference_mode()
+def logits_for_texts(model, tokenizer, columns: Sequence[Sequence[str]], batch_size: int, max_length: int):
+    """Logits (N, C) float32 numpy for N texts (`columns`: one list per text column, two for pairs), cut to
+    `max_length` tokens and right-padded as in training; `model` is a PyTorch classifier or an OrtClassifier."""
+    device = _device(model)
     chunks = []
     collate = DistillationCollator(tokenizer, config=model.config)  # right-padded, as in training
-    for start in range(0, len(dataset), batch_size):
+    for start in range(0, len(columns[0]), batch_size):
         texts = [column[start : start + batch_size] for column in columns]
         encoded = tokenizer(*texts, truncation=True, max_length=max_length)
         batch = collate([dict(zip(encoded, row)) for row in zip(*encoded.values())])
@@ -82,7 +114,7 @@ def measure_speed(model, batch_size: int = 1, seq_len: int = 128, repeats: int =
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
-    device = next(model.parameters()).device
+    device = _device(model)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=generator).to(device)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -119,7 +151,7 @@ def evaluate_model(
     model, tokenizer, data: dict, batch_size: int, max_length: int | None
 ) -> tuple[dict, dict]:
     """(JSON-able entry, {task: predicted labels in the dataset's label space, splits concatenated})."""
-    entry = {"params": sum(p.numel() for p in model.parameters()), "metrics": {}, "task_scores": {}}
+    entry = {"params": count_parameters(model), "metrics": {}, "task_scores": {}}
     entry["label_mapping"], predictions = {}, {}
     for task, splits in data.items():
         # Align before predicting: a checkpoint with another class order (or other classes) must not be scored.
@@ -187,7 +219,9 @@ def evaluate_checkpoints(
     """Scores, agreement, size and CPU speed of each checkpoint on each task's validation split(s).
 
     `checkpoints` maps a display name to a directory (AutoModelForSequenceClassification; its tokenizer is
-    loaded from there unless `tokenizer` is given) or an in-memory model. `data` is a DatasetDict (one task),
+    loaded from there unless `tokenizer` is given), an in-memory model, or an ONNX export (a .onnx path, or a
+    folder with model.onnx beside its config and tokenizer, as `llmkd export` writes: run by ONNX Runtime on CPU
+    with torch's thread count, tokenised and timed like the PyTorch ones). `data` is a DatasetDict (one task),
     {task: DatasetDict}, a callable task -> DatasetDict, or None to read `data_dir` (or the Hub) with load_glue.
     Inputs are cut to `max_length` tokens, or by default to each checkpoint's trained length (`trained_length`), so
     scores equal the evaluation during training. Speed is measured on CPU: latency at batch 1, throughput at
