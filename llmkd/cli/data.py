@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llmkd.data.assets.vader import prepare_rotten_tomatoes
-
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -28,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     """``llmkd data rotten-tomatoes OUT_DIR [--seed N] [--validation-fraction F]``: prints one summary line."""
     parser = _parser()
     args = parser.parse_args(argv)
+    from llmkd.data.assets.vader import prepare_rotten_tomatoes  # here: --help answers without torch
+
     try:
         provenance = prepare_rotten_tomatoes(
             args.out_dir, args.seed, args.validation_fraction, sdist_path=args.sdist, cache_dir=args.cache_dir

