@@ -7,6 +7,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -364,8 +365,11 @@ def test_recipe_smoke_trains_and_saves_exits(exit_folder, tmp_path):
     assert report["trainer"] == "EarlyExitTrainer"
     assert {"eval_exit1_accuracy", "eval_exit3_agreement", "eval_accuracy"} <= set(report["eval"])
     assert json.loads((tmp_path / "out" / "llmkd_exits.json").read_text())["exit_layers"] == [1, 2, 3]
+    shutil.copytree(folder, tmp_path / "elsewhere")  # a real model folder, but not the student's
     with pytest.raises(ValueError, match="teacher must name the student"):
-        distill(recipe, [*flags, "--teacher", str(tmp_path / "elsewhere")])
+        distill(
+            recipe, [*flags, "--teacher", str(tmp_path / "elsewhere"), "--output_dir", str(tmp_path / "o2")]
+        )
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ import logging
 
 from transformers import AutoTokenizer
 
+from llmkd.cli.preflight import check_model_folder
 from llmkd.cli.recipe import RunConfig, load_stages
 from llmkd.modeling import SEQ_CLS
 from llmkd.schemes.config import DistillationConfig
@@ -36,6 +37,8 @@ def cache_teacher(config_path: str, overrides: list[str] = ()) -> dict:
         )
     run, args = stages[0]
     run.teacher, run.student = resolve_path(run.teacher), resolve_path(run.student)
+    check_model_folder("teacher", run.teacher)  # llmkd.cli.preflight: a missing path, no tokenizer
+    check_model_folder("student", run.student)
     if not run.teacher_cache:
         raise ValueError(
             "no cache folder: set teacher_cache: FOLDER in the recipe or pass --teacher_cache FOLDER"

@@ -39,9 +39,11 @@ def _device():
 
 
 def _load(kind, name: str, revision: str | None, trust: bool):
+    from llmkd.cli.preflight import check_model_folder
     from llmkd.students.loading import resolve_path  # `embedded:smollm2-135m-instruct` and the like
 
     name = resolve_path(name)
+    check_model_folder("model", name)  # llmkd.cli.preflight: a missing path, a folder without a tokenizer
     model, info = kind.from_pretrained(
         name, revision=revision, trust_remote_code=trust, output_loading_info=True
     )

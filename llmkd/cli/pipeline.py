@@ -6,18 +6,30 @@ import logging
 import os
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, set_seed
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed
 
 from llmkd.atomic import write_json
+from llmkd.cli import preflight
 from llmkd.cli.early_exit import own_models
 from llmkd.cli.ensemble import ensemble_source
-from llmkd.cli.recipe import FINETUNE, RunConfig, load_config, load_stages, trainer_classes
+from llmkd.cli.recipe import (
+    FINETUNE,
+    RunConfig,
+    load_config,
+    load_stages,
+    parse_overrides,
+    read_yaml,
+    trainer_classes,
+)
 from llmkd.cli.self_distill import GenerationSteps, born_again, mean_teacher_source
 from llmkd.data import glue
 from llmkd.data.collate import DistillationCollator
 from llmkd.data.loading import load_raw, tokenize, tokenize_pairs, tokenize_prompt_completion
+from llmkd.evaluation.curves import CURVES, write_training_curves
 from llmkd.evaluation.metrics import accuracy, make_compute_metrics
 from llmkd.modeling import CAUSAL_LM, SEQ_CLS
+from llmkd.publish.card import recipe_context, write_model_card
+from llmkd.publish.trainer import FinetuneTrainer
 from llmkd.students.from_teacher import describe, student_from_config, student_from_teacher
 from llmkd.students.loading import detect_task, load_model, resolve_path
 
@@ -127,6 +139,7 @@ def build_data(run, task: str, tokenizer, model_config=None, teacher_tokenizer=N
         limit = run.max_train_samples if split == "train" else run.max_eval_samples
         if limit:
             data = data.select(range(min(limit, len(data))))
+        data = preflight.check_split(run, split, data, task, model_config, columns, names)  # texts, labels
         encoded[split] = _encode(run, data, task, (tokenizer, teacher_tokenizer), columns, names)
         if task == CAUSAL_LM:  # blank lines (wikitext has many) leave nothing to predict
             encoded[split] = encoded[split].filter(
@@ -186,15 +199,17 @@ def metrics_for(run, task: str, model_config):
 def distill(config_path: str, overrides: list[str] = ()) -> dict:
     """Runs a distillation recipe end to end, stage by stage; returns the last stage's report."""
     stages = load_stages(config_path, list(overrides), RunConfig)
-    if any(run.born_again for run, _ in stages):  # generations of self-distillation (llmkd.cli.self_distill)
-        return born_again(stages, GenerationSteps(distill_stage, build_data, metrics_for, REPORT))
-    reports = [distill_stage(run, args) for run, args in stages]
+    with recipe_context("distill", config_path, recipe_values(config_path, overrides)):  # for model cards
+        if any(run.born_again for run, _ in stages):  # born-again generations (llmkd.cli.self_distill)
+            return born_again(stages, GenerationSteps(distill_stage, build_data, metrics_for, REPORT))
+        reports = [distill_stage(run, args) for run, args in stages]
     return reports[-1] | ({"stages": reports[:-1]} if len(reports) > 1 else {})
 
 
 def distill_stage(run, args) -> dict:
     """One distillation from parsed configs; the report is also written to args.output_dir."""
     set_seed(args.seed)
+    preflight.check_distill(run, args)  # output folder, counts, model folders: before anything is loaded
     if getattr(run, "teacher_cache", None):
         return distill_from_cache(run, args)
     if run.trainer == "mutual":  # peers teach each other (llmkd.cli.mutual), built with this module's steps
@@ -274,9 +289,10 @@ def distill_from_cache(run, args) -> dict:
 
 
 def finetune(config_path: str, overrides: list[str] = ()) -> dict:
-    """Fine-tunes a sequence classifier (e.g. a teacher) with the plain `transformers.Trainer`."""
+    """Fine-tunes a sequence classifier (e.g. a teacher) with `transformers.Trainer` (as FinetuneTrainer)."""
     run, args = load_config(config_path, list(overrides), *FINETUNE)
     run.model = resolve_path(run.model)
+    preflight.check_finetune(run, args)
     set_seed(args.seed)
     names = list(run.class_names or glue.get_task(run.glue_task).label_names)
     labels = (
@@ -294,7 +310,7 @@ def finetune(config_path: str, overrides: list[str] = ()) -> dict:
         run.model, revision=run.revision, trust_remote_code=run.trust_remote_code
     )
     train, evaluation = build_data(run, SEQ_CLS, tokenizer, model.config)
-    trainer = Trainer(
+    trainer = FinetuneTrainer(  # transformers' Trainer with llmkd's checkpoints (llmkd.publish.trainer)
         model=model,
         args=args,
         train_dataset=train,
@@ -304,23 +320,34 @@ def finetune(config_path: str, overrides: list[str] = ()) -> dict:
         compute_metrics=metrics_for(run, SEQ_CLS, model.config),
     )
     tokenizer.model_max_length = run.max_length  # saved with the checkpoint: `llmkd eval` cuts inputs alike
-    return train_and_report(trainer, args, {"model": run.model, "size": describe(model)})
+    with recipe_context("finetune", config_path, recipe_values(config_path, overrides)):
+        return train_and_report(trainer, args, {"model": run.model, "size": describe(model)}, card_run=run)
 
 
-def train_and_report(trainer, args, report: dict, run=None) -> dict:
-    """Train (resuming if asked), save the plain model, evaluate, and write llmkd_report.json atomically."""
+def recipe_values(config_path: str, overrides) -> dict:
+    """The recipe a model card shows: the YAML file's keys with the command-line flags merged in."""
+    return read_yaml(config_path) | parse_overrides(list(overrides))
+
+
+def train_and_report(trainer, args, report: dict, run=None, card_run=None) -> dict:
+    """Train (resuming if asked), save the plain model, evaluate, write llmkd_report.json and the model card
+    (about `card_run`, default `run`) atomically, then push the folder when push_to_hub is set."""
     if trainer.processing_class is not None and run is not None:
         # Saved with the checkpoint: `llmkd eval` then cuts inputs as training did.
         trainer.processing_class.model_max_length = run.max_length
+    preflight.refuse_finished_run(args)  # last of the checks: never overwrite a finished run silently
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    trainer.save_model()
+    trainer.save_model(_internal_call=True)  # transformers' save without a push: the push waits for the card
     report["train"] = result.metrics | {"world_size": args.world_size}
     if trainer.eval_dataset is not None:
         report["eval"] = trainer.evaluate()
     if run is not None:  # exports last: merging LoRA consumes the adapted model
         report |= export_student(run, trainer, args)
     if trainer.is_world_process_zero():
+        write_model_card(trainer, report, card_run or run)  # adds the measured comparison to the report
         write_json(os.path.join(args.output_dir, REPORT), report)
+        write_training_curves(trainer.state.log_history, os.path.join(args.output_dir, CURVES))
+    trainer.push_output_dir()  # push_to_hub: the finished folder, card and report included
     return report
 
 

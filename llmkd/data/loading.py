@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import codecs
+import difflib
+import functools
 import os
+from collections import Counter
 from collections.abc import Mapping
 
-from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+import pyarrow.compute as pc
+from datasets import Dataset, DatasetDict, Value, load_dataset, load_from_disk
+from datasets.exceptions import DatasetGenerationError
 
 from llmkd.modeling import CAUSAL_LM
 
@@ -36,10 +42,55 @@ def read_files(data_files: Mapping[str, str]) -> DatasetDict:
             raise ValueError(f"{split} file {path!r}: use one of {sorted(FORMATS)}")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{split} file {path!r} does not exist")
+        if not _has_content(path):
+            raise ValueError(f"{split} file {path!r} is empty; write its rows or point elsewhere")
         # GLUE's .tsv files are not quoted: a sentence may start with a quote character (quoting=3 = QUOTE_NONE).
         kwargs = {"delimiter": "\t", "quoting": 3} if suffix == ".tsv" else {}
-        out[split] = load_dataset(FORMATS[suffix], data_files={split: path}, split=split, **kwargs)
+        try:
+            out[split] = load_dataset(FORMATS[suffix], data_files={split: path}, split=split, **kwargs)
+            out[split].data.table.validate(full=True)  # Arrow's JSON reader lets bytes that are not UTF-8 in
+        except (ValueError, DatasetGenerationError) as err:  # UnicodeDecodeError, ArrowInvalid: ValueErrors
+            raise ValueError(_unreadable(split, path, FORMATS[suffix], err)) from err
+        if len(out[split]) == 0:
+            raise ValueError(f"{split} file {path!r} has no rows, only a header; write its rows")
     return DatasetDict(out)
+
+
+def _has_content(path: str) -> bool:
+    """Whether the file holds anything but whitespace (read until the first other byte)."""
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 16):
+            if chunk.strip():
+                return True
+    return False
+
+
+def _unreadable(split: str, path: str, kind: str, err: Exception) -> str:
+    """Why a data file could not be read, with the fix: its first byte that is not UTF-8, or the reader's cause."""
+    decoder, offset, line = codecs.getincrementaldecoder("utf-8")(), 0, 1
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 16):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as bad:
+                line += chunk[: bad.start].count(b"\n")
+                return (
+                    f"{split} file {path!r} is not UTF-8 text: byte {chunk[bad.start]:#04x} on line {line} (byte "
+                    f"{offset + bad.start}); re-save it as UTF-8, e.g. iconv -f latin1 -t utf-8 IN > OUT"
+                )
+            offset, line = offset + len(chunk), line + chunk.count(b"\n")
+    with open(path, "rb") as handle:
+        lines = sum(1 for line in handle if line.strip())
+    if kind == "csv" and lines <= 1:
+        return f"{split} file {path!r} has no rows, only a header; write its rows"
+    cause = err
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__
+    expected = {"csv": "a header row, then one row per line", "json": "one JSON object per line (.jsonl)"}
+    return (
+        f"{split} file {path!r} could not be read as {kind}: {type(cause).__name__}: {cause}; check that it "
+        f"holds {expected.get(kind, 'a ' + kind + ' table')}"
+    )
 
 
 def tokenize(
@@ -56,12 +107,8 @@ def tokenize(
     Causal LMs get their labels from the collator."""
     text_columns = [text_columns] if isinstance(text_columns, str) else list(text_columns)
     needed = text_columns + ([label_column] if task != CAUSAL_LM and label_column else [])
-    missing = [c for c in needed if c not in dataset.column_names]
-    if missing:
-        raise ValueError(
-            f"columns {missing} are not in the data, which has {dataset.column_names}; set text_columns / "
-            "label_column to the right names"
-        )
+    if message := missing_columns(dataset, needed):
+        raise ValueError(message)
     if len(dataset) == 0:
         raise ValueError("the dataset is empty; check the data files")
     if task == CAUSAL_LM and len(text_columns) != 1:
@@ -88,6 +135,121 @@ def label_id(value, label_names):
             f"label {value!r} is not one of the model's labels {label_names}; use ids or those names"
         )
     return label_names.index(value)
+
+
+def missing_columns(dataset: Dataset, needed, where: str = "the data") -> str | None:
+    """The message for `needed` columns that `dataset` lacks (with the closest names it has), else None."""
+    missing = [c for c in needed if c not in dataset.column_names]
+    if not missing:
+        return None
+    close = {c: difflib.get_close_matches(c, dataset.column_names, n=1) for c in missing}
+    hints = [f"{c!r} (did you mean {m[0]!r}?)" if m else repr(c) for c, m in close.items()]
+    return (
+        f"{where}: {'column' if len(hints) == 1 else 'columns'} {', '.join(hints)} not in the data, which has {dataset.column_names}; set "
+        "text_columns / label_column to the data's names (or rename the file's columns)"
+    )
+
+
+def check_texts(dataset: Dataset, text_columns, task: str, where: str = "the data") -> list[str]:
+    """The text column names, checked: one (causal LMs) or one or two (classifiers) string columns, present, and
+    no row without text (classifiers: nor a row whose texts are all blank). Raises ValueError naming the rows."""
+    columns = [text_columns] if isinstance(text_columns, str) else text_columns
+    most = 1 if task == CAUSAL_LM else 2
+    names = isinstance(columns, (list, tuple)) and all(isinstance(c, str) for c in columns)
+    if not names or not 1 <= len(columns) <= most:
+        raise ValueError(
+            f"text_columns={text_columns!r}: give {'one column name' if most == 1 else 'one or two column names'}"
+            " (a sentence or a sentence pair), e.g. text_columns: [sentence]"
+        )
+    if message := missing_columns(dataset, columns, where):
+        raise ValueError(message)
+    for column in columns:
+        feature = dataset.features[column]
+        if not (isinstance(feature, Value) and feature.dtype in ("string", "large_string")):
+            raise ValueError(f"{where}: text column {column!r} holds {feature}, not text; name a text column")
+    table = dataset.select_columns(columns).with_format("arrow")[:]  # Arrow compute: no Python strings
+    missing = [pc.is_null(table[c]) for c in columns]
+    blank = [pc.fill_null(pc.equal(pc.utf8_trim_whitespace(table[c]), ""), True) for c in columns]
+    bad = functools.reduce(pc.or_, missing)
+    if task != CAUSAL_LM:  # causal LMs drop blank lines themselves (wikitext has many)
+        bad = pc.or_(bad, functools.reduce(pc.and_, blank))
+    empty = pc.indices_nonzero(bad).to_pylist()
+    if empty:
+        raise ValueError(
+            f"{where}: {len(empty)} of {len(dataset)} rows have no text in {columns} (rows {empty[:5]}"
+            f"{', ...' if len(empty) > 5 else ''}); fill them in or delete those rows"
+        )
+    return list(columns)
+
+
+def check_labels(
+    dataset: Dataset, column: str, num_labels: int, label_names=None, where: str = "the data", unlabelled=True
+) -> Dataset:
+    """`dataset` with its `column` checked against a classifier's label set (whole-number floats cast to int64).
+
+    Valid labels: ids 0..num_labels-1, the model's `label_names`, and -1 for a row without a gold label (as in
+    GLUE's test splits; `unlabelled=False` refuses it) unless -1 looks like a class: labelled rows exist but a
+    class never occurs among them (e.g. -1/1 labels for two classes). Regression (num_labels = 1): numbers.
+    Raises ValueError naming the bad values, how many rows hold them, the label set and the fix.
+    """
+    feature = dataset.features[column]
+    if not isinstance(feature, Value):
+        raise ValueError(f"{where}: label column {column!r} holds {feature}; labels are class ids or names")
+    names = list(label_names or [])
+    ids = {v: _class_id(v, num_labels, names, unlabelled) for v in dataset.unique(column)}
+    bad = [v for v, i in ids.items() if i is None]
+    seen = {i for i in ids.values() if i is not None and i >= 0}
+    absent = sorted(set(range(num_labels)) - seen) if num_labels > 1 else []
+    if -1 in ids.values() and seen and absent:  # -1/1 labels: -1 is a class here, not "no label"
+        bad.append(next(v for v, i in ids.items() if i == -1))
+    if bad:
+        counts = Counter(dataset[column])
+        rows = sum(counts[v] for v in bad)
+        shown = ", ".join(repr(v) for v in sorted(bad, key=repr)[:8])
+        space = "numbers (a regression score)" if num_labels == 1 else _label_set(num_labels, names)
+        raise ValueError(
+            f"{where}: labels {shown} ({rows} of {len(dataset)} rows) are not in the model's label set, {space}; "
+            + _label_fix(bad, num_labels, names, absent if unlabelled else [])
+        )
+    if num_labels > 1 and feature.dtype.startswith("float"):
+        return dataset.cast_column(column, Value("int64"))
+    return dataset
+
+
+def _class_id(value, num_labels: int, names: list, unlabelled: bool):
+    if isinstance(value, str):
+        return names.index(value) if value in names else None
+    if value is None or isinstance(value, bool):
+        return None
+    if num_labels == 1:
+        return value
+    if isinstance(value, float):
+        if not value.is_integer():
+            return None
+        value = int(value)
+    return value if 0 <= value < num_labels or (value == -1 and unlabelled) else None
+
+
+def _label_set(num_labels: int, names: list) -> str:
+    if names:
+        return "{" + ", ".join(f"{i}: {n!r}" for i, n in enumerate(names)) + "}"
+    return f"ids 0..{num_labels - 1} (no class names)"
+
+
+def _label_fix(bad: list, num_labels: int, names: list, absent: list) -> str:
+    if num_labels == 1:
+        return "a regression model reads one number per row: fill in or convert those labels"
+    hints = []
+    if any(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bad):
+        hints.append(f"map them to ids 0..{num_labels - 1} (e.g. -1/1 -> 0/1, or 1/2 -> 0/1)")
+        if -1 in bad and absent:
+            hints.append(f"-1 would mean 'no gold label', but class {absent[0]} never occurs")
+    if any(isinstance(v, str) for v in bad):
+        unnamed = "the model's classes have no names (LABEL_0, ...): map the text labels to ids, or name them"
+        hints.append(f"use the names {names} or their ids" if names else unnamed)
+    if any(v is None or isinstance(v, bool) for v in bad):
+        hints.append("fill in empty labels (-1 marks a row without a gold label); write ids, not true/false")
+    return "; ".join(hints) + "; or give the model the data's classes (class_names for llmkd finetune)"
 
 
 # ---- prompt/completion data (on-policy distillation, sequence-level KD) ---------------------------------------

@@ -37,7 +37,7 @@ from llmkd import __version__
 from llmkd.atomic import write_json
 from llmkd.content import content_keyed
 from llmkd.data.synthesis.common import SEEDING
-from llmkd.data.synthesis.shards import fill_shard, fit_rows, read_rows, write_shard
+from llmkd.data.synthesis.shards import fill_shard, fit_rows, read_rows, remove_temporaries, write_shard
 
 logger = logging.getLogger(__name__)
 PROGRESS = "progress.json"
@@ -324,6 +324,7 @@ def save_dataset(output_dir: str, dataset, provenance: dict, progress: dict):
     path = os.path.join(output_dir, DATASET)
     rank, world = process_group()
     if rank == 0:  # every process holds the same dataset; one writes it
+        remove_temporaries(output_dir)  # of writers killed earlier; every shard is written by now
         staging = path + ".tmp"
         shutil.rmtree(staging, ignore_errors=True)
         dataset.save_to_disk(staging)

@@ -11,6 +11,8 @@ import json
 import os
 import time
 
+from llmkd.atomic import atomic_write
+
 
 def shard_path(output_dir: str, index: int) -> str:
     return os.path.join(output_dir, f"shard-{index:05d}.jsonl")
@@ -55,11 +57,19 @@ def _tick(bar, meter, rows: int, tokens: int) -> None:
 
 
 def write_shard(output_dir: str, index: int, rows: list[dict]) -> None:
-    path = shard_path(output_dir, index)
-    with open(path + ".tmp", "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
-    os.replace(path + ".tmp", path)
+    """Written to a temporary file, flushed to disk and renamed: a killed run leaves the whole shard or none."""
+    lines = [json.dumps(row) + "\n" for row in rows]
+    atomic_write(shard_path(output_dir, index), lambda handle: handle.writelines(lines))
+
+
+def remove_temporaries(output_dir: str) -> None:
+    """Deletes what killed writers left: llmkd.atomic's `.NAME.XXXX.tmp` files and older `shard-*.jsonl.tmp` ones.
+    Only call it when no process of the run writes any more (the final save)."""
+    for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
+        stale = (name.startswith(".") or name.startswith("shard-")) and name.endswith(".tmp")
+        if stale and os.path.isfile(path):
+            os.unlink(path)
 
 
 def read_rows(output_dir: str, progress: dict) -> list[dict]:
