@@ -259,7 +259,9 @@ def test_resume_and_saved_peers(tmp_path):
             assert len(AutoTokenizer.from_pretrained(folder)) == len(full.processing_class)
     # control: a checkpoint without a peer's weights is refused, not silently started from scratch
     os.remove(checkpoint / "peer-1" / "model.safetensors")
-    with pytest.raises(ValueError, match="peer-1/model.safetensors is missing"):  # the completion marker's list
+    with pytest.raises(
+        ValueError, match="peer-1/model.safetensors is missing"
+    ):  # the completion marker's list
         make(bert_peers(2), tmp_path / "again", **settings).train(resume_from_checkpoint=str(checkpoint))
     os.remove(checkpoint / "llmkd_checkpoint.json")  # unmarked: the peers' loader refuses it too
     with pytest.raises(FileNotFoundError, match="peer"):

@@ -135,7 +135,9 @@ def test_resume_reproduces_the_uninterrupted_run(bert_pair, tmp_path):
     )
     with pytest.raises(ValueError, match="llmkd_aux.safetensors is missing"):  # the completion marker's list
         again.train(resume_from_checkpoint=str(tmp_path / "full" / "out" / "checkpoint-2"))
-    os.remove(tmp_path / "full" / "out" / "checkpoint-2" / "llmkd_checkpoint.json")  # unmarked: the loader's check
+    os.remove(
+        tmp_path / "full" / "out" / "checkpoint-2" / "llmkd_checkpoint.json"
+    )  # unmarked: the loader's check
     with pytest.raises(FileNotFoundError, match="auxiliary"):
         again.train(resume_from_checkpoint=str(tmp_path / "full" / "out" / "checkpoint-2"))
 
