@@ -28,6 +28,7 @@ from llmkd.data.assets.minilm import minilm_path
 from llmkd.data.assets.vader import prepare_rotten_tomatoes
 from llmkd.evaluation.checkpoints import evaluate_checkpoints
 from llmkd.evaluation.report import write_report
+from llmkd.publish.checkpoints import last_complete_checkpoint
 
 RECIPES = Path(__file__).resolve().parent / "demo"
 INPUTS = "demo_inputs.json"  # in each step's folder: what the step was made from, files and models by content
@@ -118,7 +119,18 @@ def run_once(
     if ready(report, out_dir / INPUTS, inputs, [out_dir], tag):
         return json.loads(report.read_text())
     print(f"{tag} {recipe} -> {out_dir}")
-    return job(str(recipes / recipe), [*overrides, "--output_dir", str(out_dir)])
+    return job(str(recipes / recipe), [*overrides, "--output_dir", str(out_dir), *resume_flags(out_dir, tag)])
+
+
+def resume_flags(out_dir: Path, tag: str) -> list[str]:
+    """An interrupted step of the same inputs resumes from its last complete checkpoint; checkpoints that none is
+    complete of (a save killed half-way) are removed, so the step starts over."""
+    if last_complete_checkpoint(str(out_dir)) is not None:
+        print(f"{tag} resuming {out_dir.name} from its last complete checkpoint")
+        return ["--resume_from_checkpoint", "true"]
+    for partial in out_dir.glob("checkpoint-*"):
+        remove(partial)
+    return []
 
 
 def demo_data(data_dir: str | None, out: Path, smoke: bool) -> tuple[Path, list[str]]:

@@ -305,3 +305,45 @@ def test_controls_reach_training(labels, world, tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "train", no_training)
     with pytest.raises(TrainingStarted):
         main(argv)
+
+
+def _one_error(capsys) -> str:
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("llmkd: error: ")]
+    assert len(errors) == 1, errors
+    return errors[0]
+
+
+def test_an_interrupted_run_or_a_checkpoint_folder_is_not_written_over(world, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    (out / "checkpoint-2").mkdir(parents=True)
+    (out / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    monkeypatch.setattr(Trainer, "train", no_training)
+    assert main(write_recipe(world, out)) == 2
+    error = _one_error(capsys)
+    assert "holds checkpoint-2 of an interrupted run" in error and "--resume_from_checkpoint true" in error
+    assert main(write_recipe(world, out / "checkpoint-2")) == 2  # a checkpoint folder as output_dir
+    assert "is a checkpoint folder of another run" in _one_error(capsys)
+    assert os.listdir(out / "checkpoint-2") == ["trainer_state.json"]
+    with pytest.raises(TrainingStarted):  # control: an empty folder reaches training
+        main(write_recipe(world, tmp_path / "fresh"))
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--save_strategy", "no"], "no"),  # YAML 1.1 reads the word as false: the strategy "no" is meant
+        (["--eval_strategy", "no"], "no"),
+        (["--save_strategy", "epoch"], "epoch"),  # control: other words pass unchanged
+    ],
+)
+def test_strategy_no_is_the_word_no(flags, expected, world, tmp_path):
+    from llmkd.cli.recipe import load_config
+
+    _, args = load_config(write_recipe(world, tmp_path / "out")[1], flags)
+    assert getattr(args, flags[0][2:]) == expected
+
+
+def test_a_boolean_for_another_word_field_names_the_quoting_fix(world, tmp_path, capsys):
+    assert main([*write_recipe(world, tmp_path / "out"), "--report_to", "yes"]) == 2
+    error = _one_error(capsys)
+    assert "report_to takes a word, got the boolean True" in error and "quote the word" in error

@@ -85,7 +85,9 @@ def test_sigkill_while_checkpointing_then_resume_equals_an_uninterrupted_run(mom
             load_file(out / "checkpoint-4" / "optimizer.safetensors")
     resumed = run_worker(tmp_path / "run", "resume", tmp_path / "resumed")
     assert resumed["loaded"] == ["checkpoint-2"] and resumed["step"] == 6
-    assert sorted(os.listdir(out)) == ["checkpoint-6"] and checkpoint_problem(out / "checkpoint-6") is None
+    # the torn checkpoint-4 is set aside (kept, never taken for the latest); rotation kept only checkpoint-6
+    assert sorted(os.listdir(out)) == ["checkpoint-6", "incomplete-checkpoint-4"]
+    assert checkpoint_problem(out / "checkpoint-6") is None
     assert resumed["weights"].keys() == whole["weights"].keys()
     for name, tensor in whole["weights"].items():
         assert torch.equal(resumed["weights"][name], tensor), name

@@ -35,6 +35,7 @@ from llmkd import DistillationConfig, DistillationTrainer
 from llmkd.cli import main
 from llmkd.content import checkpoint_key
 from llmkd.evaluation.metrics import accuracy
+from llmkd.export.validate import recorded_data
 from llmkd.publish.card import is_llmkd_card, write_model_card
 from llmkd.publish.checkpoints import MARKER, is_pickle, pickles_under
 from llmkd.publish.measure import compare_on_eval
@@ -150,6 +151,8 @@ def test_distilled_folder_has_a_card_with_independently_checked_numbers_and_no_p
         os.listdir(out / "checkpoint-4")
     )
     assert (out / "training_args.json").is_file() and not (out / "training_args.bin").exists()
+    # `llmkd export` finds the run's validation file in its report (and checks the ONNX model on it).
+    assert recorded_data(str(out))["validation_file"] == str((tmp_path / "validation.jsonl").resolve())
 
 
 def test_finetuned_folder_names_its_base_model_and_metric(tmp_path):

@@ -343,12 +343,21 @@ def train_and_report(trainer, args, report: dict, run=None, card_run=None) -> di
         report["eval"] = trainer.evaluate()
     if run is not None:  # exports last: merging LoRA consumes the adapted model
         report |= export_student(run, trainer, args)
+    report |= data_record(card_run or run)  # `llmkd export` checks the ONNX model on the same validation data
     if trainer.is_world_process_zero():
         write_model_card(trainer, report, card_run or run)  # adds the measured comparison to the report
         write_json(os.path.join(args.output_dir, REPORT), report)
         write_training_curves(trainer.state.log_history, os.path.join(args.output_dir, CURVES))
     trainer.push_output_dir()  # push_to_hub: the finished folder, card and report included
     return report
+
+
+def data_record(run) -> dict:
+    """{"data": the validation file (absolute), its text and label columns, max_length} when the run has one."""
+    if run is None or not getattr(run, "validation_file", None):
+        return {}
+    keep = {"text_columns": run.text_columns, "label_column": run.label_column, "max_length": run.max_length}
+    return {"data": {"validation_file": os.path.abspath(run.validation_file)} | keep}
 
 
 def _label_names(config) -> list[str] | None:

@@ -32,6 +32,11 @@ TOKENIZER_FILES = (
     "sentencepiece.bpe.model",
 )
 FULL = (errno.ENOSPC, errno.EDQUOT)
+CHECKPOINT_FILES = ("llmkd_checkpoint.json", "trainer_state.json")  # what only a checkpoint-N folder holds
+
+
+def _listdir(folder: str) -> list[str]:
+    return os.listdir(folder) if os.path.isdir(folder) else []
 
 
 def check_distill(run, args) -> None:
@@ -105,9 +110,24 @@ def _local_weights(name) -> int:
 
 
 def refuse_finished_run(args) -> None:
-    """A finished run (its llmkd_report.json) in output_dir is not overwritten, unless the run resumes it."""
+    """A finished run (its llmkd_report.json) or an interrupted one (its checkpoint-N folders) in output_dir is
+    not overwritten, unless the run resumes it; nor is a checkpoint folder used as an output_dir."""
+    if args.resume_from_checkpoint:
+        return
+    if any(os.path.isfile(os.path.join(args.output_dir, name)) for name in CHECKPOINT_FILES):
+        raise ValueError(
+            f"output_dir {args.output_dir!r} is a checkpoint folder of another run; training would write over "
+            "it. Choose a new output_dir"
+        )
+    interrupted = sorted(n for n in _listdir(args.output_dir) if n.startswith("checkpoint-"))
+    if interrupted and not os.path.isfile(os.path.join(args.output_dir, REPORT)):
+        raise ValueError(
+            f"output_dir {args.output_dir!r} holds {', '.join(interrupted)} of an interrupted run; starting over "
+            "would write over them. Resume it with --resume_from_checkpoint true (the last complete checkpoint), "
+            "or choose a new output_dir, or delete the folder to start over"
+        )
     path = os.path.join(args.output_dir, REPORT)
-    if args.resume_from_checkpoint or not os.path.isfile(path):
+    if not os.path.isfile(path):
         return
     try:
         with open(path, encoding="utf-8") as handle:

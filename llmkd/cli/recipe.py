@@ -180,8 +180,10 @@ class RunConfig(DataConfig):
             raise ValueError("no teacher: set teacher to a Hub id or a local model directory")
         sources = [k for k in ("student", "student_layers", "student_config") if getattr(self, k) is not None]
         if len(sources) != 1:
+            unset = " ".join(f"--{k} null" for k in sources[1:])  # a flag cannot delete a recipe's key
             raise ValueError(
                 f"set exactly one of student, student_layers, student_config (got {sources or 'none'})"
+                + (f"; to replace the recipe's, unset the others: {unset}" if len(sources) > 1 else "")
             )
         if self.task not in (None, *TASKS):
             raise ValueError(f"task={self.task!r}: use {TASKS[0]} or {TASKS[1]}")
@@ -255,7 +257,10 @@ def split_config(values: dict, run_cls=RunConfig, args_cls=None, default_output_
     if unknown:
         raise unknown_keys_error(unknown, run_keys | train_keys)
     defaults = {f.name: f.default for cls in (run_cls, args_cls) for f in dataclasses.fields(cls)}
-    values = {k: _coerce(k, v, defaults.get(k)) for k, v in values.items()}
+    takes_bool = {
+        f.name for cls in (run_cls, args_cls) for f in dataclasses.fields(cls) if "bool" in str(f.type)
+    }
+    values = {k: _coerce(k, v, defaults.get(k), k in takes_bool) for k, v in values.items()}
     train_values = {k: v for k, v in values.items() if k in train_keys}
     train_values.setdefault("output_dir", default_output_dir)
     run = run_cls(**{k: v for k, v in values.items() if k in run_keys})
@@ -268,9 +273,18 @@ def _distillation_config() -> type:
     return DistillationConfig
 
 
-def _coerce(key: str, value, default):
+def _coerce(key: str, value, default, takes_bool: bool = False):
     """A YAML value for a numeric field: '1e-4' or "0.5" (quoted) -> float, 4.0 -> 4 for an int field; a boolean
-    (true would silently be 1) or a word for a number is refused. The dataclass then checks the value itself."""
+    (true would silently be 1) or a word for a number is refused. The dataclass then checks the value itself.
+    YAML 1.1 reads the words no/yes/off/on as booleans: for the `*_strategy` fields `no` means the strategy "no";
+    a boolean for any other word field is refused with the quoting fix."""
+    if isinstance(value, bool) and isinstance(default, str) and not takes_bool:
+        if key.endswith("_strategy") and value is False:
+            return "no"
+        raise ValueError(
+            f"{key} takes a word, got the boolean {value!r}: YAML reads yes/no/on/off/true/false as booleans; "
+            f'quote the word, e.g. {key}: "{default}" (a flag: --{key} \'"{default}"\')'
+        )
     if not isinstance(default, (int, float)) or isinstance(default, bool):
         return value
     if isinstance(value, bool):

@@ -197,6 +197,7 @@ def data_facts(trainer, run) -> dict:
     out = {
         "train_rows": _rows(trainer.train_dataset),
         "eval_rows": {k: len(v) for k, v in measure.splits(trainer.eval_dataset).items()},
+        "max_length": getattr(run, "max_length", None),
     }
     if run is None:
         return out

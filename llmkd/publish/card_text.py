@@ -92,13 +92,19 @@ def _comparison_table(facts: dict, comparison: dict, latency, sizes: dict) -> st
     teacher_n, student_n = sizes.get("teacher"), sizes.get("student")
     ratio = f"{student_n / teacher_n:.2f}×" if teacher_n and student_n else "—"
     rows.append(f"| parameters | {_millions(teacher_n)} | {_millions(student_n)} | {ratio} |")
-    note = ""
+    cut = facts["data"].get("max_length")
+    note = (
+        f"\n\nTeacher and student read the same inputs, cut at this run's max_length ({cut} tokens); `llmkd eval` "
+        "cuts each checkpoint at the length it was trained with, so its teacher figure can differ."
+        if cut
+        else ""
+    )
     if latency:
         rows.append(
             f"| CPU latency, batch 1 (ms, median) | {latency['teacher']:.2f} | {latency['student']:.2f} | "
             f"{latency['speedup']:.2f}× faster |"
         )
-        note = (
+        note += (
             f"\n\nLatency: {latency['rows']} rows of the evaluation set at batch 1 (their own lengths, no padding), "
             f"teacher and student run back to back on each row, {latency['repeats']} rounds after {latency['warmup']} untimed round(s), "
             f"{latency['threads']} CPU thread(s); the median over rows and rounds. Measured once, when the run "
@@ -166,6 +172,7 @@ def _data_line(data: dict) -> str:
 def recipe_section(command: str, path: str, values: dict) -> str:
     text = yaml.safe_dump(values, sort_keys=False, allow_unicode=True).rstrip()
     return (
-        f"The recipe `{os.path.basename(path)}` with its command-line flags merged in (credentials removed); "
-        f"`llmkd {command} {os.path.basename(path)}` reruns it.\n\n```yaml\n{text}\n```"
+        f"The recipe `{os.path.basename(path)}` with its command-line flags merged in (credentials removed): save "
+        f"it as recipe.yaml and `llmkd {command} recipe.yaml --output_dir NEW_FOLDER` trains it again."
+        f"\n\n```yaml\n{text}\n```"
     )

@@ -115,7 +115,7 @@ def resolve_resume(value, output_dir: str, discard: bool = False):
     """The checkpoint to resume from: None, a path (checked), or the last complete one for `true`.
 
     With `discard`, incomplete folders newer than the chosen one (a killed save's leftovers, which transformers
-    would take for the latest) are deleted. Raises ValueError when `true` finds no complete checkpoint and
+    would take for the latest) are renamed `incomplete-checkpoint-N` (kept, in case another tool wrote them). Raises ValueError when `true` finds no complete checkpoint and
     FileNotFoundError for a path that does not exist.
     """
     if value is None or value is False:
@@ -125,6 +125,11 @@ def resolve_resume(value, output_dir: str, discard: bool = False):
         if not os.path.isdir(path):
             raise FileNotFoundError(
                 f"resume_from_checkpoint {path!r} is not a folder; pass a checkpoint-N folder or true"
+            )
+        if not os.path.isfile(os.path.join(path, "trainer_state.json")):
+            raise FileNotFoundError(
+                f"resume_from_checkpoint {path!r} is not a checkpoint folder (no trainer_state.json); pass one of "
+                "the run's checkpoint-N folders, or true for the last complete one"
             )
         problem = checkpoint_problem(path)
         if problem is not None and os.path.isfile(os.path.join(path, MARKER)):
@@ -147,8 +152,10 @@ def resolve_resume(value, output_dir: str, discard: bool = False):
         step = int(_CHECKPOINT.match(os.path.basename(chosen)).group(1))
         for later, path in folders:
             if later > step:
-                logger.warning("deleting %s: %s", path, checkpoint_problem(path))
-                shutil.rmtree(path, ignore_errors=True)
+                aside = os.path.join(output_dir, f"incomplete-{os.path.basename(path)}")
+                shutil.rmtree(aside, ignore_errors=True)  # an older leftover of the same step
+                logger.warning("moving %s to %s: %s", path, aside, checkpoint_problem(path))
+                os.replace(path, aside)
     return chosen
 
 
