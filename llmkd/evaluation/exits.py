@@ -2,17 +2,16 @@
 
 `exit_curve` runs every example at batch 1 (the latency case FastBERT reports), once with the full model and once
 with the exits at each threshold, timing each forward with a wall clock. The two are timed interleaved, example by
-example, so a change of machine load hits both alike; each latency is the median over `repeats` passes of the mean
-per-example time, and the speed-up is the full model's latency over the early-exit one. It writes exit_curve.json
-and exit_curve.png (accuracy against speed-up, one labelled point per threshold).
+example (`llmkd.evaluation.speed.time_interleaved`), so a change of machine load hits both alike; each latency is
+the median over `repeats` passes of the mean per-example time, and the speed-up is the median over passes of the
+full model's time over the early-exit one's in the same pass. It writes exit_curve.json and exit_curve.png
+(accuracy against speed-up, one labelled point per threshold).
 """
 
 from __future__ import annotations
 
 import numbers
 import os
-import statistics
-import time
 from collections.abc import Sequence
 
 import torch
@@ -20,6 +19,7 @@ from transformers import AutoTokenizer
 
 from llmkd.atomic import atomic_write, write_json
 from llmkd.evaluation.checkpoints import trained_length
+from llmkd.evaluation.speed import time_interleaved
 from llmkd.students.exits import EarlyExitClassifier, check_threshold
 
 THRESHOLDS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
@@ -49,7 +49,8 @@ def exit_curve(
         out_dir: where exit_curve.json / exit_curve.png go (None: nothing is written).
 
     Returns {"full": {...}, "points": [{threshold, accuracy, average_exit_layer, exits, latency_ms,
-    full_latency_ms, speedup}, ...], ...}. Runs on CPU with the current torch thread count (recorded).
+    full_latency_ms, speedup, speedup_low, speedup_high (95% interval of the median over passes; None under 6
+    repeats)}, ...], ...}. Runs on CPU with the current torch thread count (recorded).
     Raises ValueError for empty rows, labels outside the model's classes, bad thresholds or repeats.
     """
     thresholds = [check_threshold(t) for t in thresholds]
@@ -60,9 +61,10 @@ def exit_curve(
     classifier = EarlyExitClassifier.from_pretrained(folder).to("cpu")
     tokenizer = AutoTokenizer.from_pretrained(os.fspath(folder))
     inputs, labels = _encode(rows, tokenizer, text_columns, label_column, max_length, classifier)
-    for x in inputs[:warmup]:  # allocator and kernel selection, untimed
-        _timed(classifier, x, 0.0)
-        _timed(classifier, x, 1.0)
+    with torch.inference_mode():
+        for x in inputs[:warmup]:  # allocator and kernel selection, untimed
+            _runner(classifier, 0.0, [])(**x)
+            _runner(classifier, 1.0, [])(**x)
     points, full_accuracy = [], None
     for threshold in thresholds:
         point, full_accuracy = _point(classifier, inputs, labels, threshold, repeats)
@@ -112,39 +114,36 @@ def _encode(rows, tokenizer, text_columns, label_column, max_length, classifier)
     return inputs, [int(y) for y in labels]
 
 
-@torch.inference_mode()
-def _timed(classifier: EarlyExitClassifier, x: dict, threshold: float) -> tuple[float, int, int]:
-    """(seconds, predicted class, exit layer) of one forward; threshold 0 is the plain model's forward."""
-    classifier.threshold = threshold
-    start = time.perf_counter()
-    out = classifier(**x)
-    seconds = time.perf_counter() - start
-    return seconds, int(out.logits.argmax(-1)), int(out.exit_layer)
+def _runner(classifier: EarlyExitClassifier, threshold: float, seen: list):
+    """A forward at `threshold` (0: the plain model's forward) that appends (predicted class, exit layer)."""
+
+    def run(**x):
+        classifier.threshold = threshold
+        out = classifier(**x)
+        seen.append((int(out.logits.argmax(-1)), int(out.exit_layer)))
+
+    return run
 
 
 def _point(classifier, inputs, labels, threshold: float, repeats: int) -> tuple[dict, float]:
     """One threshold: the full model and the exits, timed example by example, `repeats` times."""
-    full_means, exit_means = [], []
-    for _ in range(repeats):
-        full, early = [], []
-        for x in inputs:
-            full.append(_timed(classifier, x, 0.0))
-            early.append(_timed(classifier, x, threshold))
-        full_means.append(statistics.fmean(t for t, _, _ in full))
-        exit_means.append(statistics.fmean(t for t, _, _ in early))
-    correct = [p == y for (_, p, _), y in zip(early, labels)]
-    full_correct = [p == y for (_, p, _), y in zip(full, labels)]
-    layers = [layer for _, _, layer in early]
-    latency, full_latency = statistics.median(exit_means), statistics.median(full_means)
+    seen = {"full": [], "exit": []}
+    runs = {name: _runner(classifier, t, seen[name]) for name, t in (("full", 0.0), ("exit", threshold))}
+    timing = time_interleaved(runs, inputs, reference="full", rounds=repeats, warmup=0)["models"]
+    # Each pass runs the inputs in order: the last len(inputs) predictions are the last pass's, one per row.
+    full, early = seen["full"][-len(inputs) :], seen["exit"][-len(inputs) :]
+    correct = [p == y for (p, _), y in zip(early, labels)]
+    full_correct = [p == y for (p, _), y in zip(full, labels)]
+    layers = [layer for _, layer in early]
     point = {
         "threshold": threshold,
         "accuracy": sum(correct) / len(correct),
         "average_exit_layer": sum(layers) / len(layers),
         "exits": {str(layer): layers.count(layer) for layer in sorted(set(layers))},
-        "latency_ms": 1000.0 * latency,
-        "full_latency_ms": 1000.0 * full_latency,
-        "speedup": full_latency / latency,
+        "latency_ms": timing["exit"]["ms"],
+        "full_latency_ms": timing["full"]["ms"],
     }
+    point |= {k: timing["exit"][k] for k in ("speedup", "speedup_low", "speedup_high")}
     return point, sum(full_correct) / len(full_correct)
 
 
