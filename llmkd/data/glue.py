@@ -30,8 +30,11 @@ class GlueTask:
     text_columns: tuple[str, ...]
     label_names: tuple[str, ...]  # empty for the regression task (stsb)
     metrics: tuple[str, ...]
-    main_metric: str  # the one to select checkpoints on; the task's score averages all `metrics`
+    main_metric: str  # the one to select checkpoints on; the task's score averages all `metrics` (or:)
     validation_splits: tuple[str, ...] = ("validation",)
+    # The metrics the task's score averages (empty: all of `metrics`). A user's data (llmkd.evaluation.any_data)
+    # is scored on accuracy, with macro-F1 reported beside it.
+    score_metrics: tuple[str, ...] = ()
 
     @property
     def num_labels(self) -> int:

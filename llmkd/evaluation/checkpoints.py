@@ -21,17 +21,22 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from llmkd.data.collate import DistillationCollator
 from llmkd.data.glue import (
     DataSource,
+    GlueTask,
     align_labels,
     get_task,
     load_validation,
     resolve_tasks,
     to_dataset_order,
 )
+from llmkd.evaluation.intervals import RESAMPLES, add_intervals
 from llmkd.evaluation.metrics import compute_metrics, predicted_labels, task_score
 from llmkd.evaluation.onnx_runtime import OrtClassifier, load_config, onnx_file
+from llmkd.evaluation.speed import measure_speeds
 
 
-def check_checkpoints(checkpoints: Mapping, tasks: Sequence[str], tokenizer, speed_seq_len=None) -> None:
+def check_checkpoints(
+    checkpoints: Mapping, tasks: Sequence[str | GlueTask], tokenizer, speed_seq_len=None
+) -> None:
     """Labels, tokenizer and speed input length of every checkpoint, from configs: fail before evaluating any."""
     for name, source in checkpoints.items():
         in_memory = isinstance(source, nn.Module)
@@ -42,7 +47,7 @@ def check_checkpoints(checkpoints: Mapping, tasks: Sequence[str], tokenizer, spe
             try:
                 align_labels(task, config)
             except ValueError as err:
-                raise ValueError(f"checkpoint {name!r} on {task}: {err}") from None
+                raise ValueError(f"checkpoint {name!r} on {get_task(task).name}: {err}") from None
         limit = getattr(config, "max_position_embeddings", None)
         if speed_seq_len and limit and speed_seq_len > limit:
             raise ValueError(
@@ -132,12 +137,19 @@ def measure_speed(model, batch_size: int = 1, seq_len: int = 128, repeats: int =
     return out | {"throughput": batch_size / median}
 
 
-def _cpu_speed(model, batch_size: int, seq_len: int, repeats: int, warmup: int) -> dict:
-    """The model moved to CPU: its latency at batch 1 and its throughput at `batch_size`, both at `seq_len`."""
-    model.to("cpu")
-    latency = measure_speed(model, 1, seq_len, repeats, warmup)
-    throughput = measure_speed(model, batch_size, seq_len, repeats, warmup)
-    return {"latency_ms": latency["latency_ms"], "throughput": throughput["throughput"]}
+def _cpu_speeds(models: dict, reference: str | None, settings: dict) -> dict:
+    """{name: latency at batch 1, throughput and speed-ups over `reference` with their spread}: all models (on
+    the CPU) timed interleaved in one pass, so that a change of machine load hits them alike (`measure_speeds`)."""
+    return measure_speeds(
+        models,
+        reference=reference,
+        seq_len=settings["seq_len"],
+        batch_size=settings["throughput_batch_size"],
+        latency_inputs=settings["latency_inputs"],
+        rounds=settings["repeats"],
+        warmup=settings["warmup"],
+        confidence=settings["confidence"],
+    )["models"]
 
 
 def trained_length(tokenizer, default: int = 128) -> int:
@@ -148,27 +160,29 @@ def trained_length(tokenizer, default: int = 128) -> int:
 
 
 def evaluate_model(
-    model, tokenizer, data: dict, batch_size: int, max_length: int | None
+    model, tokenizer, data: dict, batch_size: int, max_length: int | None, specs: Mapping | None = None
 ) -> tuple[dict, dict]:
-    """(JSON-able entry, {task: predicted labels in the dataset's label space, splits concatenated})."""
+    """(JSON-able entry, {task: predicted labels in the dataset's label space, splits concatenated}); `specs`
+    {task name: GlueTask} for tasks outside the GLUE table (a user's data file, llmkd.evaluation.any_data)."""
     entry = {"params": count_parameters(model), "metrics": {}, "task_scores": {}}
     entry["label_mapping"], predictions = {}, {}
     for task, splits in data.items():
+        spec = (specs or {}).get(task, task)
         # Align before predicting: a checkpoint with another class order (or other classes) must not be scored.
-        mapping = align_labels(task, model.config)
+        mapping = align_labels(spec, model.config)
         entry["label_mapping"][task] = {str(k): v for k, v in mapping.items()} if mapping else None
         entry["metrics"][task], per_split = {}, []
         for split, dataset in splits.items():
             logits = to_dataset_order(
                 predict_logits(
-                    model, tokenizer, dataset, task, batch_size, max_length or trained_length(tokenizer)
+                    model, tokenizer, dataset, spec, batch_size, max_length or trained_length(tokenizer)
                 ),
                 mapping,
             )
-            entry["metrics"][task][split] = compute_metrics(task, logits, dataset["label"])
-            per_split.append(predicted_labels(task, logits))
+            entry["metrics"][task][split] = compute_metrics(spec, logits, dataset["label"])
+            per_split.append(predicted_labels(spec, logits))
         entry["task_scores"][task] = float(
-            np.mean([task_score(task, m) for m in entry["metrics"][task].values()])
+            np.mean([task_score(spec, m) for m in entry["metrics"][task].values()])
         )
         predictions[task] = np.concatenate(per_split)
     entry["score"] = float(np.mean(list(entry["task_scores"].values())))
@@ -181,7 +195,9 @@ def _ratio(value, reference, percent: bool = False):
     return (100.0 if percent else 1.0) * value / reference
 
 
-def compare_to_reference(models: dict, predictions: dict, reference: str) -> None:
+def compare_to_reference(
+    models: dict, predictions: dict, reference: str, specs: Mapping | None = None
+) -> None:
     """Adds % of the reference's score, argmax agreement with it and speed-ups to every model's entry."""
     ref, ref_predictions = models[reference], predictions[reference]
     for name, entry in models.items():
@@ -190,7 +206,7 @@ def compare_to_reference(models: dict, predictions: dict, reference: str) -> Non
         entry["agreement"] = {
             task: float(np.mean(labels == ref_predictions[task]))
             for task, labels in predictions[name].items()
-            if not get_task(task).is_regression  # a regression score has no argmax to agree on
+            if not get_task((specs or {}).get(task, task)).is_regression  # a regression score: no argmax
         }
         entry["mean_agreement"] = (
             float(np.mean(list(entry["agreement"].values()))) if entry["agreement"] else None
@@ -201,7 +217,7 @@ def compare_to_reference(models: dict, predictions: dict, reference: str) -> Non
 
 def evaluate_checkpoints(
     checkpoints: Mapping[str, str | os.PathLike | nn.Module],
-    task: str | Sequence[str] = "sst2",
+    task: str | Sequence[str] | GlueTask = "sst2",
     data: DataSource = None,
     tokenizer=None,
     *,
@@ -215,6 +231,8 @@ def evaluate_checkpoints(
     speed_warmup: int = 2,
     speed_seq_len: int = 128,
     speed_batch_size: int = 32,
+    bootstrap: int = RESAMPLES,
+    seed: int = 0,
 ) -> dict:
     """Scores, agreement, size and CPU speed of each checkpoint on each task's validation split(s).
 
@@ -225,39 +243,73 @@ def evaluate_checkpoints(
     {task: DatasetDict}, a callable task -> DatasetDict, or None to read `data_dir` (or the Hub) with load_glue.
     Inputs are cut to `max_length` tokens, or by default to each checkpoint's trained length (`trained_length`), so
     scores equal the evaluation during training. Speed is measured on CPU: latency at batch 1, throughput at
-    `speed_batch_size`, both at `speed_seq_len`;
-    `speed_repeats=0` skips it. Every model is compared with `reference` (None: no comparison).
+    `speed_batch_size`, both at `speed_seq_len`, all models timed interleaved in `speed_repeats` rounds after
+    `speed_warmup` (`llmkd.evaluation.speed`): speed-ups are the median over rounds of the per-round ratio
+    to `reference`, with a 95% interval (speedup_low/high; None under 6 rounds), latency/throughput quartiles
+    beside the medians. Interleaving keeps every checkpoint in CPU memory until the timing (fine for classifiers of
+    a few hundred million parameters); `speed_repeats=0` skips it and keeps one model in memory at a time.
+    Every model is compared with `reference` (None: no comparison).
+    `task` may also be a GlueTask describing a user's data (llmkd.evaluation.any_data.evaluate_file builds it).
+    Every score gets a 95% interval and every difference to `reference` a paired one, from `bootstrap`
+    resamples of the examples drawn with `seed` (llmkd.evaluation.intervals; `bootstrap=0`: none).
     """
-    tasks = resolve_tasks(task)
+    if bootstrap < 0:
+        raise ValueError(f"bootstrap={bootstrap}: give the number of resamples (0 for no intervals)")
+    specs = {task.name: task} if isinstance(task, GlueTask) else {t: get_task(t) for t in resolve_tasks(task)}
+    tasks = list(specs)
     if reference is not None and reference not in checkpoints:
         raise ValueError(f"reference {reference!r} is not one of the checkpoints {list(checkpoints)}")
-    check_checkpoints(checkpoints, tasks, tokenizer, speed_seq_len if speed_repeats > 0 else None)
-    data = {t: load_validation(t, data, data_dir, max_eval_samples) for t in tasks}
+    check_checkpoints(
+        checkpoints, list(specs.values()), tokenizer, speed_seq_len if speed_repeats > 0 else None
+    )
+    data = {t: load_validation(specs[t], data, data_dir, max_eval_samples) for t in tasks}
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    models, predictions = {}, {}
+    models, predictions, timed = {}, {}, {}
+    speed = _speed_settings(speed_seq_len, speed_batch_size, speed_repeats, speed_warmup)
     for name, source in checkpoints.items():
         model, model_tokenizer, description = load_checkpoint(source, tokenizer)
         entry, predictions[name] = evaluate_model(
-            model.to(device), model_tokenizer, data, batch_size, max_length
+            model.to(device), model_tokenizer, data, batch_size, max_length, specs
         )
         entry["source"] = description
-        if speed_repeats > 0:
-            entry |= _cpu_speed(model, speed_batch_size, speed_seq_len, speed_repeats, speed_warmup)
+        if speed_repeats > 0:  # kept, on the CPU, to be timed interleaved with the others
+            timed[name] = model.to("cpu")
         models[name] = entry
-        del model  # one model in memory at a time
+        del model  # without speed timing: one model in memory at a time
     if reference is not None:
-        compare_to_reference(models, predictions, reference)
+        compare_to_reference(models, predictions, reference, specs)
+    task_metrics = {t: list(specs[t].metrics) for t in tasks}
+    scored = {t: list(specs[t].score_metrics or specs[t].metrics) for t in tasks}
+    gold = {t: {s: np.asarray(d["label"]) for s, d in splits.items()} for t, splits in data.items()}
+    intervals = (
+        add_intervals(
+            models, predictions, gold, task_metrics, reference, bootstrap, seed, score_metrics=scored
+        )
+        if bootstrap
+        else None
+    )
+    # After compare_to_reference: the paired per-round speed-ups replace its ratio of two medians.
+    for name, figures in (_cpu_speeds(timed, reference, speed) if timed else {}).items():
+        models[name] |= figures
     return {
         "tasks": tasks,
         "examples": {t: {s: len(d) for s, d in splits.items()} for t, splits in data.items()},
         "reference": reference,
-        "speed": _speed_settings(speed_seq_len, speed_batch_size, speed_repeats, speed_warmup),
+        "task_metrics": task_metrics,  # the metric names of each task (also those outside GLUE)
+        "intervals": intervals,  # how the 95% intervals were computed (None: not computed)
+        "speed": speed,
         "models": models,
     }
 
 
 def _speed_settings(seq_len: int, batch_size: int, repeats: int, warmup: int) -> dict:
-    """How the report's speed figures were measured (CPU, this process's thread count)."""
+    """How the report's speed figures were measured (CPU, this process's thread count); checked before any
+    model is evaluated."""
+    if repeats > 0 and (warmup < 0 or seq_len < 1 or batch_size < 1):
+        raise ValueError(
+            f"speed timing needs speed_warmup >= 0, speed_seq_len >= 1 and speed_batch_size >= 1; got "
+            f"{warmup}, {seq_len}, {batch_size} (speed_repeats=0 skips the timing)"
+        )
     return {
         "device": "cpu",
         "threads": torch.get_num_threads(),
@@ -266,4 +318,7 @@ def _speed_settings(seq_len: int, batch_size: int, repeats: int, warmup: int) ->
         "throughput_batch_size": batch_size,
         "repeats": repeats,
         "warmup": warmup,
+        "method": "interleaved",  # every model in each round; speed-up = median of per-round ratios
+        "latency_inputs": 4,  # batch-1 inputs per round
+        "confidence": 0.95,  # of the speed-up intervals
     }

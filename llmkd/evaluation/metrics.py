@@ -23,6 +23,8 @@ def _spearman(y_pred, y_true) -> float:
 METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
     "accuracy": lambda p, y: float(accuracy_score(y, p)),
     "f1": lambda p, y: float(f1_score(y, p, pos_label=1, average="binary")),
+    # Any number of classes (a user's data, llmkd.evaluation.any_data): every class present counts alike.
+    "macro_f1": lambda p, y: float(f1_score(y, p, average="macro")),
     "matthews_correlation": lambda p, y: float(matthews_corrcoef(y, p)),
     "pearson": _pearson,
     "spearmanr": _spearman,
@@ -47,8 +49,10 @@ def compute_metrics(task: str | GlueTask, predictions, labels) -> dict[str, floa
 
 
 def task_score(task: str | GlueTask, metrics: Mapping[str, float]) -> float:
-    """One number per task: the mean of its metrics (F1/accuracy, Pearson/Spearman), as the GLUE leaderboard."""
-    return float(np.mean([metrics[name] for name in get_task(task).metrics]))
+    """One number per task: the mean of its metrics (F1/accuracy, Pearson/Spearman), as the GLUE leaderboard, or
+    of the task's `score_metrics` when it names them."""
+    spec = get_task(task)
+    return float(np.mean([metrics[name] for name in spec.score_metrics or spec.metrics]))
 
 
 def make_compute_metrics(task: str | GlueTask, mapping: Mapping[int, int] | None = None) -> Callable:

@@ -8,7 +8,6 @@ lengths are part of what is compared.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from llmkd.content import file_sha256
+from llmkd.evaluation.any_data import recorded_data  # noqa: F401  (re-exported: the report key is read there)
 
 logger = logging.getLogger(__name__)
 
@@ -51,28 +51,6 @@ class CheckData:
     columns: list[list[str]]
     labels: np.ndarray | None = None
     source: dict = field(default_factory=dict)
-
-
-def recorded_data(student_dir: str) -> dict:
-    """{validation_file, text_columns, label_column} that the checkpoint's llmkd_report.json records under
-    "recipe" or "data" (a dict, or the recipe's YAML text), else {}."""
-    try:
-        with open(os.path.join(student_dir, "llmkd_report.json"), encoding="utf-8") as handle:
-            report = json.load(handle)
-    except (OSError, ValueError):
-        return {}
-    for key in ("recipe", "data"):
-        value = report.get(key)
-        if isinstance(value, str):
-            import yaml
-
-            try:
-                value = yaml.safe_load(value)
-            except yaml.YAMLError:
-                continue
-        if isinstance(value, dict) and value.get("validation_file"):
-            return {k: value.get(k) for k in ("validation_file", "text_columns", "label_column")}
-    return {}
 
 
 def check_data(
