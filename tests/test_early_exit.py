@@ -365,11 +365,9 @@ def test_recipe_smoke_trains_and_saves_exits(exit_folder, tmp_path):
     assert report["trainer"] == "EarlyExitTrainer"
     assert {"eval_exit1_accuracy", "eval_exit3_agreement", "eval_accuracy"} <= set(report["eval"])
     assert json.loads((tmp_path / "out" / "llmkd_exits.json").read_text())["exit_layers"] == [1, 2, 3]
-    shutil.copytree(folder, tmp_path / "elsewhere")  # a real model folder, but not the student's
+    other = shutil.copytree(folder, tmp_path / "elsewhere")  # a real model folder, but not the student's
     with pytest.raises(ValueError, match="teacher must name the student"):
-        distill(
-            recipe, [*flags, "--teacher", str(tmp_path / "elsewhere"), "--output_dir", str(tmp_path / "o2")]
-        )
+        distill(recipe, [*flags, "--teacher", str(other), "--output_dir", str(tmp_path / "o2")])
 
 
 @pytest.mark.parametrize(
@@ -395,10 +393,8 @@ def test_bad_runs_are_refused_before_training(tmp_path):
         make_trainer(classifier(), tmp_path, exit_layers=[2, 4])
     with pytest.raises(ValueError, match="num_labels >= 2"):
         make_trainer(classifier(labels=1), tmp_path)
-    args = EarlyExitConfig(**training_settings(tmp_path))
+    args, data = EarlyExitConfig(**training_settings(tmp_path)), classification_dataset()
     with pytest.raises(ValueError, match="takes no other teacher"):
-        EarlyExitTrainer(
-            model=classifier(), teacher=classifier(), args=args, train_dataset=classification_dataset()
-        )
+        EarlyExitTrainer(model=classifier(), teacher=classifier(), args=args, train_dataset=data)
     with pytest.raises(ValueError, match="built by trainer: early_exit"):
         DistillationConfig(output_dir=str(tmp_path), terms=[{"knowledge": "exits", "loss": "forward_kl"}])
