@@ -85,6 +85,17 @@ def _is_model_file(name: str) -> bool:
     return name == "config.json" or name.endswith((*WEIGHT_SUFFIXES, ".index.json", ".py"))
 
 
+# Any one of these makes a folder's tokenizer loadable (the others in TOKENIZER_FILES only add to one).
+TOKENIZER_CORE = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
+
+
+def has_tokenizer(folder) -> bool:
+    """Whether a model folder holds a tokenizer: transformers 5 quietly builds one that reads every word as
+    unknown when it has none."""
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return any(n in TOKENIZER_CORE or n.endswith(".model") for n in names)  # .model: sentencepiece
+
+
 def _is_tokenizer_file(name: str) -> bool:
     return name in TOKENIZER_FILES or name.endswith((".model", ".tiktoken"))  # sentencepiece, tiktoken
 

@@ -19,18 +19,11 @@ import os
 import shutil
 import tempfile
 
+from llmkd.cli.paths import looks_local
+from llmkd.content import TOKENIZER_CORE, has_tokenizer
 from llmkd.modeling import CAUSAL_LM, SEQ_CLS
 
 REPORT = "llmkd_report.json"  # llmkd.cli.pipeline.REPORT
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.txt",
-    "vocab.json",
-    "tokenizer.model",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-)
 FULL = (errno.ENOSPC, errno.EDQUOT)
 CHECKPOINT_FILES = ("llmkd_checkpoint.json", "trainer_state.json")  # what only a checkpoint-N folder holds
 
@@ -205,7 +198,7 @@ def check_model_folder(role: str, name) -> None:
     if not isinstance(name, str) or name.startswith("embedded:"):
         return
     if not os.path.isdir(name):
-        if _looks_like_path(name):
+        if looks_local(name):
             where = (
                 ""
                 if os.path.isabs(name)
@@ -221,16 +214,12 @@ def check_model_folder(role: str, name) -> None:
             f"{role} {name!r} has no config.json, so it is not a saved model; save one with "
             "model.save_pretrained(FOLDER) and tokenizer.save_pretrained(FOLDER)"
         )
-    if not any(os.path.isfile(os.path.join(name, f)) for f in TOKENIZER_FILES):
+    if not has_tokenizer(name):
         raise FileNotFoundError(
-            f"{role} {name!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:4])}, ...): transformers would "
+            f"{role} {name!r} has no tokenizer (none of {', '.join(TOKENIZER_CORE)}, ...): transformers would "
             "make one that reads every word as unknown; save the model's tokenizer there with "
             "tokenizer.save_pretrained(FOLDER)"
         )
-
-
-def _looks_like_path(name: str) -> bool:
-    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or "\\" in name
 
 
 def _config(name):

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from llmkd.atomic import write_json
-from llmkd.content import TOKENIZER_FILES, checkpoint_key, file_sha256
+from llmkd.content import checkpoint_key, file_sha256, has_tokenizer
 from llmkd.evaluation.onnx_runtime import INT8_FILE, MANIFEST, MODEL_FILE, OrtClassifier
 from llmkd.export.validate import check_data, check_fp32, compare, warn_quantised
 
@@ -58,7 +58,7 @@ def check_source(student_dir: str, quantize: str | None = None, out_dir: str | N
             f"{student_dir!r} is not a model folder (no config.json): pass the output_dir of "
             "`llmkd distill` / `llmkd finetune`"
         )
-    if not any(n in TOKENIZER_FILES or n.endswith(".model") for n in os.listdir(student_dir)):
+    if not has_tokenizer(student_dir):
         raise FileNotFoundError(
             f"{student_dir!r} has no tokenizer files (tokenizer.json, vocab.txt, ...): the export ships the "
             "tokenizer beside the model; save it there with tokenizer.save_pretrained(STUDENT_DIR)"
