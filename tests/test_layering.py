@@ -29,6 +29,7 @@ LAYERS = {
     "llmkd.export": 5,  # ONNX export: checks its model with llmkd.evaluation
     "llmkd.schemes": 5,
     "llmkd.cli": 6,
+    "llmkd.compress": 6,  # the compress command's stages: may use cli-level checks (llmkd.cli.preflight)
     "llmkd.models": 6,  # kept for `from llmkd.models import student_from_teacher`
 }
 OUTSIDE = ("recipes", "benchmarks", "eval", "tests", "scripts")
