@@ -266,6 +266,20 @@ def test_a_trained_teacher_passes_with_its_own_accuracy(trained, tmp_path):
     assert "## Teacher" in report.markdown()
 
 
+def test_an_in_memory_classifier_is_what_its_class_says_and_may_see_a_subset_of_its_classes(trained):
+    model, tokenizer = trained
+    model.config.architectures = ["BertForMaskedLM"]  # fine-tuned from a base checkpoint, never saved
+    report = check_teacher(model, tokenizer, balanced(200, 11), resamples=200)
+    assert report.usable and not report.needs_fine_tuning
+    three = _classifier(0, num_labels=3, id2label={0: "a", 1: "b", 2: "c"}, label2id={"a": 0, "b": 1, "c": 2})
+    data = Dataset.from_dict({"text": ["w1 w2", "w3 w4"] * 5, "label": ["b", "a"] * 5})  # no row of class c
+    assert not check_teacher(three, tokenizer, data, resamples=50).needs_fine_tuning
+    four = Dataset.from_dict(
+        {"text": ["w1 w2", "w3 w4"] * 5, "label": ["b", "d"] * 5}
+    )  # control: d is unknown
+    assert check_teacher(three, tokenizer, four, resamples=50).needs_fine_tuning
+
+
 def test_a_random_head_is_an_error(trained):
     _, tokenizer = trained
     validation = balanced(200, 11)

@@ -331,6 +331,15 @@ def test_scores_ignore_padding(labels):
         torch.testing.assert_close(padded[key], alone[key], rtol=1e-4, atol=1e-7, msg=key)
 
 
+def test_a_left_padding_tokenizer_gives_the_same_scores():
+    teacher, tokenizer, texts = tiny("bert"), make_tokenizer(), sentences(6, seed=0)  # left shifts positions
+    alone = importance_scores(teacher, calibration_batches(tokenizer, texts, [0, 1] * 3, batch_size=1))
+    tokenizer.padding_side = "left"
+    padded = importance_scores(teacher, calibration_batches(tokenizer, texts, [0, 1] * 3, batch_size=6))
+    assert tokenizer.padding_side == "left"  # restored
+    torch.testing.assert_close(padded, alone, rtol=1e-4, atol=1e-7)  # every score, key by key
+
+
 def test_candidate_shapes_count_the_parameters_of_the_pruned_models():
     teacher = tiny("bert")
     shapes = candidate_shapes(teacher)

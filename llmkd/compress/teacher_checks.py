@@ -166,10 +166,9 @@ def _config(teacher):
 
 
 def _architectures(config, model) -> list[str]:
-    # A model built in memory and never saved has no config.architectures: its class says what it is.
-    return list(
-        getattr(config, "architectures", None) or ([type(model).__name__] if model is not None else [])
-    )
+    # A model in memory is what its class says: one fine-tuned from a base checkpoint and never saved keeps the
+    # base's config.architectures (e.g. BertForMaskedLM). A folder's class is what its config names.
+    return [type(model).__name__] if model is not None else list(getattr(config, "architectures", None) or [])
 
 
 def _load(teacher):
@@ -185,10 +184,17 @@ def _head_reasons(config, model, data: Dataset, label: str, name: str, classes=N
     architectures = _architectures(config, model)
     if not any(a.endswith("ForSequenceClassification") for a in architectures):
         return [f"it has no sequence-classification head (architectures {architectures})"]
-    if classes is None:
+    seen = classes is None  # only the classes the validation rows happen to hold
+    if seen:
         classes = sorted(class_keys(data[label])[1].values(), key=str)
     names = model_label_names(config)
-    if config.num_labels != len(classes):
+    ids = [int(c) for c in classes if str(c).strip().lstrip("-").isdigit()]
+    # Named classes are matched by name, so the rows may hold a subset of the teacher's; ids name nothing, so the
+    # counts must agree (pass `classes` from check_data when the validation rows lack a class).
+    subset_ok = seen and not ids
+    if (config.num_labels < len(classes) if subset_ok else config.num_labels != len(classes)) or any(
+        not 0 <= i < config.num_labels for i in ids
+    ):
         return [
             f"its head predicts {config.num_labels} classes {names} but the data has {len(classes)} {list(classes)}"
         ]

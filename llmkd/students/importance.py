@@ -47,16 +47,21 @@ def calibration_batches(
             f"calibration_batches: {len(texts)} texts and {'no' if labels is None else len(labels)} labels; "
             "pass at least one text and, if any, one label per text"
         )
-    batches = []
-    for start in range(0, len(texts), batch_size):
-        chunk = texts[start : start + batch_size]
-        pairs = [tuple(t) if isinstance(t, (tuple, list)) else (t,) for t in chunk]
-        batch = dict(
-            tokenizer(*zip(*pairs), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        )
-        if labels is not None:
-            batch["labels"] = torch.tensor(list(labels[start : start + batch_size]))
-        batches.append(batch)
+    batches, side = [], tokenizer.padding_side
+    tokenizer.padding_side = "right"  # left padding would shift absolute positions: scores would change
+    try:
+        for start in range(0, len(texts), batch_size):
+            chunk = texts[start : start + batch_size]
+            pairs = [tuple(t) if isinstance(t, (tuple, list)) else (t,) for t in chunk]
+            encoded = tokenizer(
+                *zip(*pairs), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            )
+            batch = dict(encoded)
+            if labels is not None:
+                batch["labels"] = torch.tensor(list(labels[start : start + batch_size]))
+            batches.append(batch)
+    finally:
+        tokenizer.padding_side = side
     return batches
 
 
