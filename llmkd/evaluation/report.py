@@ -97,6 +97,8 @@ def _speedup(entry: dict) -> str:
 
 
 def _speed_note(speed: dict, reference) -> str:
+    if not speed.get("repeats"):
+        return "Speed was not measured (speed_repeats 0)."
     how = f"Speed on CPU with {speed['threads']} thread(s), seq len {speed['seq_len']}: latency at batch "
     how += f"{speed['latency_batch_size']}, throughput at batch {speed['throughput_batch_size']}"
     return how + (

@@ -4,8 +4,8 @@ Timing each model alone (all of the teacher's passes, then all of the student's)
 between the two blocks land on one model only: on a shared 2-core machine the same 2-layer student's speed-up over
 its teacher read anywhere from ×1.9 to ×4.8. `time_interleaved` instead runs every model on the same inputs within
 each round, input by input, in an order that changes from input to input and round to round (each cycle of rounds
-is a seeded shuffle of the models, then its rotations: every model runs first equally often and no model always
-follows the same one). A load change then hits all models of a round alike, and the speed-up of round r is the
+is a seeded shuffle of the models, then its rotations: over each whole cycle every model runs first equally often, and no model
+always follows the same one). A load change then hits all models of a round alike, and the speed-up of round r is the
 paired ratio reference time_r / model time_r. Its median over rounds is reported with a distribution-free
 confidence interval of that median (order statistics of the rounds, `scipy.stats.quantile_test`).
 
