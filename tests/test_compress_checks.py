@@ -18,7 +18,7 @@ from datasets import Dataset
 from transformers import BertForSequenceClassification, BertModel
 
 from llmkd.compress.checks import check_data, drop_overlap, normalise
-from llmkd.compress.profile import recommend_max_length
+from llmkd.compress.profile import recommend_max_length, wilson_half_width
 from llmkd.compress.teacher_checks import check_teacher
 
 NOISE = WORDS[10:]
@@ -210,6 +210,8 @@ def test_tiny_validation_gives_its_plus_minus_points(clean):
         f"validation has 50 rows: an accuracy near 80% is known to ±{100 * half:.1f} points"
         in warning.message
     )
+    seven = wilson_half_width(0.8, 7)[0]  # 80% of 7 rows is no whole count: the formula at 0.8, not 6/7
+    assert seven == pytest.approx(z / (1 + z * z / 7) * math.sqrt(0.16 / 7 + z * z / 196), abs=1e-6)
 
 
 def test_files_are_read_like_datasets(tmp_path, clean):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.stats import binomtest, chi2_contingency
+from scipy.stats import chi2_contingency, norm
 
 PRECISION_WARNING_POINTS = 3.0
 TYPICAL_ACCURACY = 0.8
@@ -157,9 +157,14 @@ def _p(value: float) -> str:
 
 
 def wilson_half_width(accuracy: float, n: int, confidence: float = CONFIDENCE) -> tuple[float, list[float]]:
-    """(half-width, [low, high]) of the Wilson interval of an accuracy measured on n examples (fractions)."""
-    interval = binomtest(round(accuracy * n), n).proportion_ci(confidence, method="wilson")
-    return (interval.high - interval.low) / 2, [float(interval.low), float(interval.high)]
+    """(half-width, [low, high]) of the Wilson score interval (Wilson, 1927) of an accuracy p measured on n
+    examples, in fractions: centre (p + z²/2n) / (1 + z²/n), half-width z / (1 + z²/n) · √(p(1−p)/n + z²/4n²).
+    Written out because a hypothetical accuracy (80%) need not be a whole number of the n examples."""
+    z = float(norm.ppf(0.5 + confidence / 2))
+    scale = 1 + z * z / n
+    centre = (accuracy + z * z / (2 * n)) / scale
+    half = z / scale * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n))
+    return half, [centre - half, centre + half]
 
 
 def precision(report, n: int, baseline: float | None, warn_points: float = PRECISION_WARNING_POINTS) -> None:
