@@ -30,5 +30,14 @@ def atomic_write(path: str | os.PathLike, write: Callable, mode: str = "w") -> N
         raise
 
 
+def remove_leftovers(folder: str | os.PathLike, also=lambda name: False) -> None:
+    """Deletes the temporary files that writers killed mid-file left in `folder` (`atomic_write`'s `.NAME.XXXX.tmp`,
+    and names `also(name)` accepts). Call it only when no process writes there any more."""
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if (name.startswith(".") or also(name)) and name.endswith(".tmp") and os.path.isfile(path):
+            os.unlink(path)
+
+
 def write_json(path: str | os.PathLike, payload) -> None:
     atomic_write(path, lambda handle: json.dump(payload, handle, indent=2, default=str))

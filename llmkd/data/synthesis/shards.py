@@ -11,7 +11,7 @@ import json
 import os
 import time
 
-from llmkd.atomic import atomic_write
+from llmkd.atomic import atomic_write, remove_leftovers
 
 
 def shard_path(output_dir: str, index: int) -> str:
@@ -65,11 +65,7 @@ def write_shard(output_dir: str, index: int, rows: list[dict]) -> None:
 def remove_temporaries(output_dir: str) -> None:
     """Deletes what killed writers left: llmkd.atomic's `.NAME.XXXX.tmp` files and older `shard-*.jsonl.tmp` ones.
     Only call it when no process of the run writes any more (the final save)."""
-    for name in os.listdir(output_dir):
-        path = os.path.join(output_dir, name)
-        stale = (name.startswith(".") or name.startswith("shard-")) and name.endswith(".tmp")
-        if stale and os.path.isfile(path):
-            os.unlink(path)
+    remove_leftovers(output_dir, also=lambda name: name.startswith("shard-"))
 
 
 def read_rows(output_dir: str, progress: dict) -> list[dict]:

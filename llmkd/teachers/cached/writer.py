@@ -26,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from llmkd import modeling as A
-from llmkd.atomic import atomic_write, write_json
+from llmkd.atomic import atomic_write, remove_leftovers, write_json
 from llmkd.data.collate import pad_rows, padding_id
 from llmkd.losses.bucketed import rest_log_mass
 from llmkd.teachers.cached import fingerprint as F
@@ -134,7 +134,7 @@ def write_cache(
             atomic_write(path, lambda handle, t=tensors, m=meta: handle.write(save(t, m)), "wb")
         shards.append(_shard_entry(path, rows, task))
     manifest = _manifest(teacher, comps, key, bounds, shards, k, temperature, value_dtype, rows_per_shard)
-    _remove_temporaries(out_dir)
+    remove_leftovers(out_dir)  # what writers killed mid-file left: every shard is written by now
     write_json(os.path.join(out_dir, MANIFEST), manifest)
     return manifest
 
@@ -157,13 +157,6 @@ def _refuse_foreign(out_dir: str, key: str) -> None:
             f"{out_dir} already holds a teacher cache of other inputs (fingerprint {sorted(foreign)[0][:12]}…, "
             f"this run {key[:12]}…); set teacher_cache to a new folder or delete the old one"
         )
-
-
-def _remove_temporaries(out_dir: str) -> None:
-    """What writers killed mid-file left (llmkd.atomic's `.NAME.XXXX.tmp`): every shard is written by now."""
-    for name in os.listdir(out_dir):
-        if name.startswith(".") and name.endswith(".tmp") and os.path.isfile(os.path.join(out_dir, name)):
-            os.unlink(os.path.join(out_dir, name))
 
 
 def _shard_meta(path: str) -> dict:
