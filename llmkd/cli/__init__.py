@@ -1,4 +1,4 @@
-"""The `llmkd` command: distill, finetune, eval, data, generate, cache-teacher and export.
+"""The `llmkd` command: distill, finetune, eval, data, generate, cache-teacher, export and compress.
 
 Logic lives in the library modules. This one imports nothing heavy: `--help` and a recipe's unknown keys are
 answered before torch and transformers are imported (llmkd.cli.usage); each command imports what it needs.
@@ -20,6 +20,7 @@ COMMANDS = {
     "generate": "synthesise a transfer set from the teacher: llmkd generate RECIPE.yaml [--field value ...]",
     "cache-teacher": "run the teacher once and cache its top-k log-probs: llmkd cache-teacher RECIPE.yaml [--field value ...]",
     "export": "export a student folder for deployment: llmkd export STUDENT_DIR --onnx [--quantize int8]",
+    "compress": "teacher + data -> the best student at a CPU speed-up: llmkd compress --teacher DIR --train_file F",
 }
 HELP = ("-h", "--help")
 EPILOG = (
@@ -64,6 +65,8 @@ def _run(command: str, rest: list[str]) -> int:
         from llmkd.cli.eval import main as sub_main
     elif command == "export":
         from llmkd.cli.export import main as sub_main
+    elif command == "compress":
+        from llmkd.cli.compress import main as sub_main
     else:
         from llmkd.cli.data import main as sub_main
     return sub_main(rest) or 0  # `llmkd eval --help` reaches the sub-command's own parser

@@ -33,6 +33,18 @@ SECRET = re.compile(r"(^|_)(token|secret|password|api_key|apikey|credentials?)$"
 HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")  # a repo id: [namespace/]name
 PIPELINES = {CAUSAL_LM: "text-generation", "sequence_classification": "text-classification"}
 _RECIPE: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("llmkd_recipe", default=None)
+_MEASURE: contextvars.ContextVar[bool] = contextvars.ContextVar("llmkd_card_measure", default=True)
+
+
+@contextlib.contextmanager
+def cards_without_measurement():
+    """While inside, cards skip the teacher-vs-student measurement (`llmkd compress`'s short search runs, whose
+    folders are intermediate: the measurement would cost more than some of the runs)."""
+    token = _MEASURE.set(False)
+    try:
+        yield
+    finally:
+        _MEASURE.reset(token)
 
 
 @contextlib.contextmanager
@@ -71,7 +83,7 @@ def write_model_card(trainer, report: dict | None = None, run=None, *, measure_m
     path = os.path.join(trainer.args.output_dir, CARD)
     if not trainer.is_world_process_zero():
         return path
-    facts = gather(trainer, report, run, measure_models)
+    facts = gather(trainer, report, run, measure_models and _MEASURE.get())
     report["card"] = {k: facts[k] for k in ("comparison", "latency", "parameters") if facts.get(k)}
     card = ModelCard.from_template(card_data(facts), template_str=TEMPLATE, **sections(facts))
     atomic_write(path, lambda handle: handle.write(str(card)))
