@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test demo demo-data-free quality style bench bench-methods clean
+.PHONY: install test demo demo-data-free quality style bench bench-methods bench-compress clean
 
 install: $(STAMP)
 
@@ -50,6 +50,13 @@ bench: install
 # slice of the training data (about an hour on 2 cores); reuses `make demo`'s teacher and data (or makes them).
 bench-methods: install
 	$(PY) recipes/methods.py
+
+# `llmkd compress` (issue 12) on the demo task and on two tasks of other kinds, 3 seeds each, 30-minute budget per
+# run (about 4.5 hours on 2 cores); reuses `make demo`'s teacher and data (or makes them). Writes
+# runs/compress/summary.md. A subset: make bench-compress COMPRESS_ARGS="--tasks demo --seeds 1".
+COMPRESS_ARGS ?=
+bench-compress: install
+	$(PY) recipes/compress_bench.py $(COMPRESS_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
