@@ -102,15 +102,27 @@ def finished(world, tmp_path_factory):
 
 def test_every_stage_runs_and_the_report_holds_the_models_own_scores(finished, world):
     report = json.loads((finished / "report.json").read_text())
-    stages = sorted(p.stem for p in (finished / "stages").glob("*.json"))
-    assert stages == ["checks", "control", "final", "plan", "report", "search", "shapes"]
+    stages = {p.stem for p in (finished / "stages").glob("*.json")}
+    assert stages == {"checks", "control", "final", "plan", "report", "search", "shapes"} | (
+        {"search-plan"} if "search-plan" in stages else set()
+    )
     models = report["evaluation"]["models"]
     validation = str(finished / "data" / "validation.jsonl")
     for name, folder in (("student (distilled)", finished / "student"), ("teacher", world / "teacher")):
         assert models[name]["score"] == pytest.approx(accuracy(str(folder), validation))
     control = finished / "control-labels-only"
     assert models["labels only (control)"]["score"] == pytest.approx(accuracy(str(control), validation))
-    assert report["result"]["folder"] in (str(finished / "student"), str(control))
+    chosen = report[
+        "choice_on_search_slice"
+    ]  # the choice is made on rows held out from training, not validation
+    search = str(finished / "data" / "search.jsonl")
+    assert chosen["student (distilled)"] == pytest.approx(accuracy(str(finished / "student"), search))
+    best = (
+        "student"
+        if chosen["student (distilled)"] >= chosen["labels only (control)"]
+        else "control-labels-only"
+    )
+    assert report["result"]["folder"] == str(finished / best)
     assert (finished / "student" / "README.md").is_file() and (finished / "compress.png").stat().st_size > 0
     assert "## Candidates" in (finished / "report.md").read_text()
     plan = json.loads((finished / "stages" / "plan.json").read_text())
@@ -152,25 +164,34 @@ def test_a_rerun_reuses_every_finished_stage(finished, world, monkeypatch):
     assert (finished / "report.json").read_text() == before
 
 
-def test_an_interrupted_run_resumes_where_it_stopped(world, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stop", ["final", "search-2"])
+def test_an_interrupted_run_resumes_where_it_stopped(stop, world, tmp_path, monkeypatch):
+    """Interrupted in the final run, or at the search's second call (a rerun measures another step rate: the
+    search's plan must be the stored one), the rerun finishes without redoing what was done."""
     calls, real = [], Stages.train
 
     def interrupted(self, command, recipe, name, resume_from=None):
         calls.append(name)
-        if name == "final":  # after the search and the feature stage, before the soft-target stage
+        searched = [c for c in calls if c.startswith("search")]
+        if name == stop or (stop == "search-2" and len(searched) == 2):
             raise KeyboardInterrupt
         return real(self, command, recipe, name, resume_from)
 
     monkeypatch.setattr(Stages, "train", interrupted)
+    many = {"max_candidates": 20, "eta": 4} if stop == "search-2" else {}
     with pytest.raises(KeyboardInterrupt):
-        main(flags(world, tmp_path / "out"))
-    first = list(calls)
-    assert first[-2:] == ["final-features", "final"] and not (tmp_path / "out" / "report.json").exists()
+        main(flags(world, tmp_path / "out", **many))
+    before = list(calls)
+    assert not (tmp_path / "out" / "report.json").exists()
     calls.clear()
     monkeypatch.setattr(Stages, "train", lambda self, *a, **k: calls.append(a[2]) or real(self, *a, **k))
-    assert main(flags(world, tmp_path / "out")) == 0
-    assert calls == ["final-features", "final", "control"]  # features' report is reused inside train
-    assert not any(name.startswith("search") for name in calls)
+    assert main(flags(world, tmp_path / "out", **many)) == 0
+    if stop == "final":
+        assert before[-2:] == ["final-features", "final"]
+        assert calls == ["final-features", "final", "control"]  # features' report is reused inside train
+    else:
+        assert calls[0] == before[-1] and before[0] not in calls  # the first call's run is not repeated
+    assert (tmp_path / "out" / "report.json").is_file()
 
 
 @pytest.mark.parametrize(
@@ -201,7 +222,34 @@ def test_bad_data_and_settings_are_refused_before_any_training(
 
 def test_other_settings_in_a_used_folder_are_refused(finished, world, capsys):
     assert main(flags(world, finished, learning_rate=1e-3)) == 2
-    assert "learning_rate" in capsys.readouterr().err
+    assert "learning_rate differs" in capsys.readouterr().err
+
+
+def test_a_fix_after_a_data_error_may_change_the_settings_in_the_same_folder(world, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(flags(world, out, label_column="gold", budget_minutes=2)) == 2
+    assert "gold" in capsys.readouterr().err
+    assert main(flags(world, out, label_column="label", budget_minutes=2)) == 0
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"seed": 1.5}, "seed must be a whole number"),
+        ({"max_length": 100}, "more than the teacher's 64 positions"),
+        ("file", "is a file"),
+        ("text_columns", "text_columns must name one or two columns"),
+    ],
+)
+def test_more_bad_settings(change, message, world, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(Stages, "train", lambda *a, **k: pytest.fail("trained despite bad input"))
+    argv = flags(world, tmp_path / "out", **(change if isinstance(change, dict) else {}))
+    if change == "file":
+        (tmp_path / "out").write_text("x")
+    elif change == "text_columns":
+        argv.append("--text_columns")  # no value: YAML reads it as true
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_a_base_encoder_is_fine_tuned_first(world, tmp_path):

@@ -58,6 +58,7 @@ class CompressConfig:
             self._positive(name, getattr(self, name))
         for name in ("max_candidates", "batch_size"):
             self._whole(name, getattr(self, name), 1)
+        self._whole("seed", self.seed, 0)
         self._whole("eta", self.eta, 2)
         if self.max_length is not None:
             self._whole("max_length", self.max_length, 1)
@@ -67,6 +68,20 @@ class CompressConfig:
             raise ValueError(f"search_share must lie in (0, 0.5], got {self.search_share!r} (e.g. 0.1)")
         if isinstance(self.text_columns, str):
             self.text_columns = [self.text_columns]
+        columns = self.text_columns
+        if columns is not None and (
+            not isinstance(columns, list)
+            or not 1 <= len(columns) <= 2
+            or not all(isinstance(c, str) for c in columns)
+        ):
+            raise ValueError(
+                f"text_columns must name one or two columns (a sentence pair), got {columns!r}: "
+                "--text_columns sentence or --text_columns '[premise, hypothesis]'"
+            )
+        if self.label_column is not None and not isinstance(self.label_column, str):
+            raise ValueError(
+                f"label_column must name a column, got {self.label_column!r}: --label_column label"
+            )
 
     @staticmethod
     def _positive(name: str, value, above: float = 0.0) -> None:
@@ -76,6 +91,7 @@ class CompressConfig:
 
     @staticmethod
     def _whole(name: str, value, least: int) -> None:
+        """A whole number >= least (seed: >= 0)."""
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise ValueError(f"{name} must be a whole number >= {least}, got {value!r}")
 

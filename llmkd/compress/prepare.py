@@ -37,11 +37,18 @@ def prepare(config, out: str, tokenizer, teacher_config) -> dict:
     """Runs the data and teacher checks and writes OUT/data; returns the stage's JSON-able record.
 
     Raises ValueError listing every error of the checks (before anything is trained)."""
-    splits = read_files(
-        {"train": config.train_file}
-        | ({"validation": config.validation_file} if config.validation_file else {})
+    _check_max_length(config.max_length, teacher_config)
+    files = {"train": config.train_file} | (
+        {"validation": config.validation_file} if config.validation_file else {}
     )
+    for split, path in files.items():
+        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "dataset_info.json")):
+            raise ValueError(
+                f"{split}_file {path} is a folder but no saved dataset: pass a csv/tsv/json/jsonl/parquet file"
+            )
+    splits = read_files(files)
     train, validation = splits["train"], splits.get("validation")
+    given = len(train)
     names = _teacher_names(teacher_config)
     report = check_data(
         train,
@@ -66,9 +73,12 @@ def prepare(config, out: str, tokenizer, teacher_config) -> dict:
     train = drop_overlap(train, validation, text)
     n_search = int(np.clip(round(config.search_share * len(train)), MIN_SEARCH_ROWS, MAX_SEARCH_ROWS))
     if n_search >= len(train) // 2:
+        held = given - len(train)
+        why = f" ({held} of them held out as validation or found in it)" if held else ""
         raise ValueError(
-            f"{len(train)} training rows are too few to hold out {n_search} for ranking candidates: compress needs "
-            f"at least {2 * MIN_SEARCH_ROWS + 1}; add rows"
+            f"train_file has {given} rows{why}: too few to hold out {n_search} for ranking candidates and train "
+            f"on the rest; compress needs at least {2 * MIN_SEARCH_ROWS + 2} rows besides the validation rows; "
+            "add rows"
         )
     search, train = train.select(range(n_search)), train.select(range(n_search, len(train)))
     teacher = check_teacher(
@@ -96,6 +106,15 @@ def prepare(config, out: str, tokenizer, teacher_config) -> dict:
         "teacher_check": teacher.to_dict() | {"reasons": teacher.reasons},
         "markdown": report.markdown() + "\n" + teacher.markdown(),
     }
+
+
+def _check_max_length(max_length: int | None, teacher_config) -> None:
+    limit = getattr(teacher_config, "max_position_embeddings", None)
+    if max_length is not None and limit and max_length > limit:
+        raise ValueError(
+            f"max_length={max_length} is more than the teacher's {limit} positions: pass --max_length {limit} or "
+            "less (or leave it out: the data check recommends one)"
+        )
 
 
 def _teacher_names(teacher_config) -> list[str] | None:

@@ -12,7 +12,8 @@
   before prediction-layer distillation): hidden-state MSE on uniformly mapped layers + MiniLMv2's self-attention
   relations of the last layer (Wang et al. 2021), no labels; then soft targets (Hinton et al. 2015) + last-layer
   hidden cosine + the task loss with a linear decay.
-- control: the same student folder, the same steps and schedule, the task loss alone: what distillation adds.
+- control: the same student folder (shape and initial weights), as many steps as both final runs together (one
+  warm-up and linear decay over them), batch and learning rate, the task loss alone: what distillation adds.
 """
 
 from __future__ import annotations

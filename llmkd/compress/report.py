@@ -34,12 +34,22 @@ def write_report(config, out, data, teacher, shapes, search, final, control, ela
     )  # fmt: skip
     models = results["models"]
     gain = paired["models"][STUDENT]
-    best = STUDENT if models[STUDENT]["score"] >= models[CONTROL]["score"] else CONTROL
+    # Chosen on the search slice (held out from training), so that the validation scores stay unbiased.
+    chosen = evaluate_file(
+        {STUDENT: final["folder"], CONTROL: control["folder"]}, data["files"]["search"], **common,
+        reference=None, speed_repeats=0, bootstrap=0, max_length=data["max_length"],
+    )["models"]  # fmt: skip
+    best = STUDENT if chosen[STUDENT]["score"] >= chosen[CONTROL]["score"] else CONTROL
     verdict = _verdict(models, gain, best, config.speedup)
+    verdict += (
+        f" Chosen on the {data['rows']['search']} search-slice rows: student {100 * chosen[STUDENT]['score']:.1f}, "
+        f"labels only {100 * chosen[CONTROL]['score']:.1f}."
+    )
     report = {
         "command": "llmkd compress",
         "settings": config.key() | {"budget_minutes": config.budget_minutes},
         "result": {"model": best, "folder": files[best], "verdict": verdict},
+        "choice_on_search_slice": {name: chosen[name]["score"] for name in chosen},
         "evaluation": results,
         "distillation_vs_control": {
             "difference": gain["vs_reference"]["score"],
@@ -77,6 +87,8 @@ def _verdict(models: dict, gain: dict, best: str, target: float) -> str:
     )
     if best == CONTROL:
         return head + " Distillation did NOT beat the labels-only control: the control is the result."
+    if d is not None and d < 0:
+        return head + " On the validation rows the labels-only control scored higher."
     if interval and interval[0] <= 0:
         return head + " The difference is inside the noise of this validation set."
     return head
@@ -132,7 +144,8 @@ def _markdown(config, report: dict, results: dict, data: dict, shapes: dict) -> 
             f"{row['hidden_size']} | ×{row['speedup']:.2f} [{row['speedup_low']:.2f}, {row['speedup_high']:.2f}] "
             f"| {scores or '–'} | {row['rank'] or '–'} |"
         )
-    dropped = [r for r in shapes["table"]["candidates"] if not r["kept"] and r["measured"]]
+    timed = shapes.get("timed_before", []) + shapes["table"]["candidates"]
+    dropped = [r for r in timed if not r["kept"] and r["measured"]]
     if dropped:
         lines += ["", "Timed and dropped: " + "; ".join(f"{r['name']}: {r['reason']}" for r in dropped)]
     return "\n".join(lines + ["", data["markdown"], ""])

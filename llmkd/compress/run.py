@@ -7,10 +7,11 @@ Stages (each resumable, see llmkd.compress.stages), their shares of the budget i
 3. shapes: candidate shapes timed against the teacher, the kept ones pruned from it (llmkd.compress.students).
 4. search: successive halving of the candidates with short distillation runs, scored on the search slice
    (llmkd.compress.halving). [SEARCH_SHARE of what is left]
-5. final: the winner distilled (feature stage, then soft targets), then 6. control: the same student, steps and
-   schedule on the labels alone; both sized to fit what is left of the budget but REPORT_SECONDS.
+5. final: the winner distilled (feature stage, then soft targets), then 6. control: the same student and total
+   steps on the labels alone (llmkd.compress.recipes); both sized to fit what is left of the budget but
+   REPORT_SECONDS.
 7. report: teacher, student and control scored on the validation rows with 95% intervals and timed
-   interleaved (llmkd.compress.report); the result is the better of student and control.
+   interleaved (llmkd.compress.report); the result is the better of student and control on the search slice.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ def compress(config) -> dict:
     from llmkd.students.loading import resolve_path
 
     out = os.path.abspath(config.output_dir)
-    os.makedirs(out, exist_ok=True)
     stages = Stages(out, config.key(), 60 * config.budget_minutes)
     teacher_path = resolve_path(config.teacher)
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
@@ -133,7 +133,7 @@ def _step_seconds(student: str, data: dict, batch_size: int, teacher=None, repea
 
 def _search(config, stages: Stages, data: dict, teacher: str, shapes: dict, out: str) -> dict:
     """Successive halving over the kept shapes; one candidate needs no search."""
-    from llmkd.compress.halving import min_steps_for_budget, successive_halving
+    from llmkd.compress.halving import successive_halving
 
     # Fastest first: halving breaks ties by order, and at equal scores the faster student is the better one.
     candidates = [c["name"] for c in sorted(shapes["candidates"], key=lambda c: -c["speedup"])]
@@ -141,19 +141,12 @@ def _search(config, stages: Stages, data: dict, teacher: str, shapes: dict, out:
     if len(candidates) == 1:
         return {"winner_index": 0, "winner": candidates[0], "calls": [], "rounds": [], "ranking": [0]}
     # (winner_index below is the winner's place in shapes["candidates"], the order the report lists)
-    budget = SEARCH_SHARE * max(stages.left(), 1.0)
-    rate = _step_seconds(folders[candidates[0]], data, config.batch_size, teacher=_load(teacher))
-    evaluation = CALL_SECONDS + rate * data["rows"]["search"] / recipes.EVAL_BATCH
-    min_steps = min_steps_for_budget(
-        len(candidates),
-        eta=config.eta,
-        budget_seconds=budget,
-        seconds_per_step=rate,
-        seconds_per_call=evaluation,
+    # Sized once and kept: a resumed search must see the same plan (halving refuses another min_steps).
+    plan = stages.run(
+        "search-plan",
+        lambda: _search_plan(config, stages, data, teacher, folders[candidates[0]], len(candidates)),
     )
-    per_epoch = recipes.steps_per_epoch(data["rows"]["train"], config.batch_size)
-    min_steps = int(min(max(min_steps, MIN_SEARCH_STEPS), per_epoch))
-    warmup = min(recipes.SEARCH_WARMUP, min_steps)
+    min_steps, warmup, budget = plan["min_steps"], plan["warmup"], plan["budget_seconds"]
     stages.say("search", f"{len(candidates)} candidates, round 1 at {min_steps} steps, {budget / 60:.1f} min")
 
     def train_fn(name: str, steps: int, state):
@@ -185,6 +178,25 @@ def _search(config, stages: Stages, data: dict, teacher: str, shapes: dict, out:
 def _read_json(path: str) -> dict:
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
+
+
+def _search_plan(config, stages: Stages, data: dict, teacher: str, student: str, n: int) -> dict:
+    """Round 0's steps: the most the search's share of the budget allows at the measured step rate, at least
+    MIN_SEARCH_STEPS, and small enough that the last round trains no longer than half the final run may."""
+    from llmkd.compress.halving import halving_plan, min_steps_for_budget
+
+    budget = SEARCH_SHARE * max(stages.left(), 1.0)
+    rate = _step_seconds(student, data, config.batch_size, teacher=_load(teacher))
+    evaluation = CALL_SECONDS + rate * data["rows"]["search"] / recipes.EVAL_BATCH
+    fits = min_steps_for_budget(
+        n, eta=config.eta, budget_seconds=budget, seconds_per_step=rate, seconds_per_call=evaluation
+    )
+    per_epoch = recipes.steps_per_epoch(data["rows"]["train"], config.batch_size)
+    growth = halving_plan(n, eta=config.eta, min_steps=1)[-1]["steps"]  # last round's steps / round 0's
+    most = max(1, math.floor(config.max_epochs * per_epoch / 2 / growth))
+    min_steps = int(max(1, min(max(fits, MIN_SEARCH_STEPS), per_epoch, most)))
+    plan = {"min_steps": min_steps, "warmup": min(recipes.SEARCH_WARMUP, min_steps), "budget_seconds": budget}
+    return plan | {"seconds_per_step": rate, "fits_budget": int(fits), "per_epoch": per_epoch, "most": most}
 
 
 def _plan(config, stages: Stages, data: dict, search: dict) -> dict:

@@ -22,6 +22,8 @@ from llmkd.atomic import atomic_write, write_json
 logger = logging.getLogger("llmkd.compress")
 STATE = "compress_state.json"
 REPORT = "llmkd_report.json"
+# What a run trains or times: once one exists, the folder belongs to its settings.
+TRAINED = ("teacher", "students", "search", "final", "student", "control-labels-only")
 
 
 class Stages:
@@ -29,21 +31,41 @@ class Stages:
 
     def __init__(self, out: str, key: dict, budget_seconds: float):
         self.out, self.budget = out, float(budget_seconds)
-        os.makedirs(os.path.join(out, "stages"), exist_ok=True)
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise ValueError(f"output_dir {out} is a file: pass a folder (new or of an earlier compress run)")
+        os.makedirs(out, exist_ok=True)
         path = os.path.join(out, STATE)
         state = _read(path)
-        if state is not None and state.get("key") != key:
-            changed = sorted(k for k in key if state["key"].get(k) != key[k])
-            raise ValueError(
-                f"{out} holds a compress run made with other settings ({', '.join(changed)} differ): rerun with "
-                f"the same settings to resume it, or pass another --output_dir"
-            )
-        if state is None and any(n for n in os.listdir(out) if n not in ("stages",)):
+        if state is None and os.listdir(out):
             raise ValueError(f"{out} is not empty and holds no compress run: pass another --output_dir")
+        if state is not None and state.get("key") != key:
+            changed = sorted(k for k in key if state["key"].get(k) != key.get(k))
+            if self._trained():
+                verb = "differs" if len(changed) == 1 else "differ"
+                raise ValueError(
+                    f"{out} holds a compress run made with other settings ({', '.join(changed)} {verb}): rerun "
+                    f"with the same settings to resume it, or pass another --output_dir"
+                )
+            self._restart(
+                changed
+            )  # stopped before any training (e.g. a data error): the fix may change settings
+            state = None
+        os.makedirs(os.path.join(out, "stages"), exist_ok=True)
         self.before = state["seconds"] if state else 0.0
         self.started = time.monotonic()
         self.key = key
         self._save()
+
+    def _trained(self) -> bool:
+        """Whether anything was trained or timed here (then other settings would mix two runs)."""
+        return any(os.path.exists(os.path.join(self.out, name)) for name in TRAINED)
+
+    def _restart(self, changed: list[str]) -> None:
+        logger.info(
+            "compress: %s changed before any training; starting %s again", ", ".join(changed), self.out
+        )
+        for name in ("stages", "data", "shapes"):
+            shutil.rmtree(os.path.join(self.out, name), ignore_errors=True)
 
     def elapsed(self) -> float:
         """Seconds of this command so far, earlier attempts included."""
@@ -78,7 +100,7 @@ class Stages:
         minutes = self.elapsed() / 60
         left = self.left() / 60
         logger.info(
-            "compress [%s] %s — %.1f min elapsed, %.1f of %.0f min budget left",
+            "compress [%s] %s — %.1f min elapsed, %.1f of %.1f min budget left",
             stage, what, minutes, left, self.budget / 60,
         )  # fmt: skip
 
