@@ -81,10 +81,15 @@ def summarise(task: str, reports: list[dict]) -> list[str]:
     lines = [
         f"| {task} | {_mean(teacher)} | {_mean(student)} | {_mean(kept)}% | "
         f"×{statistics.mean(speed):.2f} (lowest bound ×{min(low):.2f}) | {_mean(control)} | "
-        + ", ".join(f"{100 * g['difference']:+.1f} [{100 * g['interval'][0]:+.1f}, {100 * g['interval'][1]:+.1f}]" for g in gains)
+        + ", ".join(
+            f"{100 * g['difference']:+.1f} [{100 * g['interval'][0]:+.1f}, {100 * g['interval'][1]:+.1f}]"
+            for g in gains
+        )
         + f" | {max(r['elapsed_minutes'] for r in reports):.0f} | {', '.join(winners)} |"
     ]
-    lines.append(f"|  | shapes: {', '.join(_shape(r) for r in reports)} | | | | | | | {len(shapes)} folder(s) |")
+    lines.append(
+        f"|  | shapes: {', '.join(_shape(r) for r in reports)} | | | | | | | {len(shapes)} folder(s) |"
+    )
     return lines
 
 
@@ -107,6 +112,39 @@ def demo_recipe_line() -> str | None:
     )
 
 
+def side_by_side(reports: list[dict]) -> str | None:
+    """The demo task's compress students and controls next to the demo recipe's students (runs/demo), scored and
+    timed together in one `evaluate_file` call (interleaved speed, paired intervals vs the teacher)."""
+    from llmkd.evaluation.any_data import evaluate_file
+    from llmkd.evaluation.report import markdown_table
+
+    checkpoints = {"teacher": "runs/demo/teacher"}
+    for r in reports:
+        seed = r["settings"]["seed"]
+        checkpoints[f"compress student (seed {seed})"] = r["evaluation"]["models"]["student (distilled)"][
+            "source"
+        ]
+        checkpoints[f"compress labels only (seed {seed})"] = r["evaluation"]["models"][
+            "labels only (control)"
+        ]["source"]
+    for folder in sorted(Path("runs/demo").glob("student-*-seed*")):
+        kind = "demo recipe, distilled" if "distil" in folder.name else "demo recipe, labels only"
+        checkpoints[f"{kind} (seed {folder.name.rsplit('seed', 1)[1]})"] = str(folder)
+    if len(checkpoints) == 1:
+        return None
+    length = reports[0]["data"]["max_length"]
+    results = evaluate_file(
+        checkpoints,
+        "runs/demo/data/validation.jsonl",
+        ["sentence"],
+        "label",
+        speed_repeats=20,
+        speed_seq_len=length,
+    )
+    write_json(RUNS / "side_by_side.json", results)
+    return markdown_table(results, "Demo task, side by side (one evaluation, speed timed interleaved)")
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     results = {task: [run(task, 42 + k, args) for k in range(args.seeds)] for task in args.tasks}
@@ -119,10 +157,14 @@ def main(argv=None) -> int:
     lines += header + [line for task, reports in results.items() for line in summarise(task, reports)]
     if "demo" in results and (extra := demo_recipe_line()):
         lines += ["", extra]
+    if "demo" in results and (table := side_by_side(results["demo"])):
+        lines += ["", table]
     text = "\n".join(lines) + "\n"
     RUNS.mkdir(parents=True, exist_ok=True)
     (RUNS / "summary.md").write_text(text)
-    write_json(RUNS / "summary.json", {t: [r["evaluation"]["models"] for r in rs] for t, rs in results.items()})
+    write_json(
+        RUNS / "summary.json", {t: [r["evaluation"]["models"] for r in rs] for t, rs in results.items()}
+    )
     print(text)
     return 0
 

@@ -252,10 +252,19 @@ def test_more_bad_settings(change, message, world, tmp_path, monkeypatch, capsys
     assert message in capsys.readouterr().err
 
 
-def test_a_base_encoder_is_fine_tuned_first(world, tmp_path):
-    """A teacher without a classifier head: the teacher stage fine-tunes it on the training rows."""
+@pytest.mark.parametrize("kind", ["base encoder", "classifier of three other classes"])
+def test_a_teacher_without_a_head_for_the_classes_is_fine_tuned_first(kind, world, tmp_path):
+    """A base encoder, or a classifier whose head has other classes (another size): the teacher stage fine-tunes
+    it on the training rows with a fresh head."""
     torch.manual_seed(0)
-    BertModel(bert_config(layers=4, hidden=64, heads=4)).save_pretrained(tmp_path / "base")
+    if kind == "base encoder":
+        model = BertModel(bert_config(layers=4, hidden=64, heads=4))
+    else:
+        names = {0: "a", 1: "b", 2: "c"}
+        model = BertForSequenceClassification(
+            bert_config(layers=4, hidden=64, heads=4, num_labels=3, id2label=names)
+        )
+    model.save_pretrained(tmp_path / "base")
     make_tokenizer().save_pretrained(tmp_path / "base")
     out = tmp_path / "out"
     assert (
@@ -265,6 +274,8 @@ def test_a_base_encoder_is_fine_tuned_first(world, tmp_path):
     tuned = json.loads((out / "stages" / "teacher.json").read_text())
     assert tuned["folder"] == str(out / "teacher")
     assert accuracy(str(out / "teacher"), str(out / "data" / "validation.jsonl")) > 0.9
+    labels = json.loads((out / "teacher" / "config.json").read_text())["id2label"]
+    assert labels == {"0": "neg", "1": "pos"}  # the data's classes, not the old head's
     report = json.loads((out / "report.json").read_text())
     assert report["evaluation"]["models"]["teacher"]["source"].endswith("teacher")
 

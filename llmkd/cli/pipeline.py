@@ -303,6 +303,7 @@ def finetune(config_path: str, overrides: list[str] = ()) -> dict:
         revision=run.revision,
         trust_remote_code=run.trust_remote_code,
         num_labels=max(len(names), 1),  # no class names: one regression score (STS-B)
+        ignore_mismatched_sizes=True,  # a classifier of other classes: its head is replaced by a fresh one
         **labels,
         **({"attn_implementation": run.attn_implementation} if run.attn_implementation else {}),
     )
