@@ -126,34 +126,21 @@ def _long_run(steps: int) -> dict:
     }
 
 
+def _final_run(config, data, teacher, student, out, steps, scored_on: str, terms: list, hard: float) -> dict:
+    recipe = _student(config, data, teacher, student, out, scored_on) | _long_run(steps)
+    return recipe | {"terms": terms, "hard_label_weight": hard}
+
+
 def feature_recipe(config, data, teacher: str, student: str, out: str, steps: int) -> dict:
-    return (
-        _student(config, data, teacher, student, out, "search")
-        | _long_run(steps)
-        | {
-            "terms": FEATURES,
-            "hard_label_weight": 0.0,
-        }
-    )
+    """Intermediate-layer knowledge only (no labels), scored on the search slice."""
+    return _final_run(config, data, teacher, student, out, steps, "search", FEATURES, 0.0)
 
 
 def prediction_recipe(config, data, teacher: str, student: str, out: str, steps: int) -> dict:
-    return (
-        _student(config, data, teacher, student, out, "validation")
-        | _long_run(steps)
-        | {
-            "terms": SOFT_TARGETS,
-            "hard_label_weight": 0.5,
-        }
-    )
+    """Soft targets + last-layer hidden cosine + half the task loss, scored on the validation rows."""
+    return _final_run(config, data, teacher, student, out, steps, "validation", SOFT_TARGETS, 0.5)
 
 
 def control_recipe(config, data, teacher: str, student: str, out: str, steps: int) -> dict:
-    return (
-        _student(config, data, teacher, student, out, "validation")
-        | _long_run(steps)
-        | {
-            "terms": [],
-            "hard_label_weight": 1.0,
-        }
-    )
+    """The task loss alone (the teacher only lent its layers to the student's initial weights)."""
+    return _final_run(config, data, teacher, student, out, steps, "validation", [], 1.0)
