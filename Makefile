@@ -53,7 +53,7 @@ bench-methods: install
 
 # `llmkd compress` (issue 12) on the demo task and on two tasks of other kinds, 3 seeds each, 30-minute budget per
 # run (about 4.5 hours on 2 cores); reuses `make demo`'s teacher and data (or makes them). Writes
-# runs/compress/summary.md. A subset: make bench-compress COMPRESS_ARGS="--tasks demo --seeds 1".
+# runs/compress/summary-*.md. A subset: make bench-compress COMPRESS_ARGS="--tasks demo --seeds 1".
 COMPRESS_ARGS ?=
 bench-compress: install
 	$(PY) recipes/compress_bench.py $(COMPRESS_ARGS)

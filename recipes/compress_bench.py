@@ -8,7 +8,7 @@
 - amazon-sentiment: Amazon review snippets, positive or negative (`llmkd data amazon-sentiment`), same teacher.
 
 Each (task, seed) runs `llmkd compress` into runs/compress/TASK-seedN (a finished one is reused, an interrupted one
-resumed); then runs/compress/summary.md holds, per task: the teacher, the student (% of the teacher, speed-up with
+resumed); then runs/compress/summary-TASKS-NseedS.md holds, per task: the teacher, the student (% of the teacher, speed-up with
 its 95% lower bound), the labels-only control of the same shape, their paired difference, minutes, and for the
 demo task the demo recipe's students from runs/demo/report.json.
 """
@@ -161,9 +161,10 @@ def main(argv=None) -> int:
         lines += ["", table]
     text = "\n".join(lines) + "\n"
     RUNS.mkdir(parents=True, exist_ok=True)
-    (RUNS / "summary.md").write_text(text)
+    name = f"summary-{'-'.join(args.tasks)}-{args.seeds}seed{'s' if args.seeds > 1 else ''}"
+    (RUNS / f"{name}.md").write_text(text)
     write_json(
-        RUNS / "summary.json", {t: [r["evaluation"]["models"] for r in rs] for t, rs in results.items()}
+        RUNS / f"{name}.json", {t: [r["evaluation"]["models"] for r in rs] for t, rs in results.items()}
     )
     print(text)
     return 0

@@ -319,3 +319,15 @@ def test_compress_help_imports_no_torch():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip().endswith("False") and "--budget_minutes" in done.stdout
+
+
+def test_an_embedded_alias_reaches_every_stage_as_its_folder(world, tmp_path, monkeypatch):
+    """`--teacher embedded:NAME` (a model shipped in a PyPI package) is resolved once, before the teacher check:
+    found by running the command on the real alias, which the check used to receive as a Hub id."""
+    from llmkd.students import loading
+
+    monkeypatch.setitem(loading.EMBEDDED, "embedded:tiny-test", lambda: str(world / "teacher"))
+    out = tmp_path / "out"
+    assert main(flags(world, out, teacher="embedded:tiny-test", budget_minutes=2)) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["evaluation"]["models"]["teacher"]["source"] == str(world / "teacher")

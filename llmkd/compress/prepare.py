@@ -33,8 +33,9 @@ MIN_SEARCH_ROWS = 32  # fewer rows cannot rank candidates
 MAX_SEARCH_ROWS = 2000  # ranking needs no more; more only slows every search call's evaluation
 
 
-def prepare(config, out: str, tokenizer, teacher_config) -> dict:
-    """Runs the data and teacher checks and writes OUT/data; returns the stage's JSON-able record.
+def prepare(config, out: str, tokenizer, teacher_config, teacher: str) -> dict:
+    """Runs the data and teacher checks and writes OUT/data; returns the stage's JSON-able record. `teacher`:
+    the teacher's folder (config.teacher resolved: an embedded:NAME alias is a folder by now).
 
     Raises ValueError listing every error of the checks (before anything is trained)."""
     _check_max_length(config.max_length, teacher_config)
@@ -81,13 +82,13 @@ def prepare(config, out: str, tokenizer, teacher_config) -> dict:
             "add rows"
         )
     search, train = train.select(range(n_search)), train.select(range(n_search, len(train)))
-    teacher = check_teacher(
-        config.teacher, tokenizer, validation, text, label, classes=classes,
+    checked = check_teacher(
+        teacher, tokenizer, validation, text, label, classes=classes,
         baseline_class=report.stats["majority"]["class"], max_length=max_length, seed=config.seed,
     )  # fmt: skip
-    if not teacher.needs_fine_tuning:
-        teacher.raise_errors()  # a head for these classes that does not beat the baseline: nothing to learn
-    order = classes if teacher.needs_fine_tuning else model_label_names(teacher_config)
+    if not checked.needs_fine_tuning:
+        checked.raise_errors()  # a head for these classes that does not beat the baseline: nothing to learn
+    order = classes if checked.needs_fine_tuning else model_label_names(teacher_config)
     folder = os.path.join(out, "data")
     files = {
         split: _write(os.path.join(folder, f"{split}.jsonl"), data, text, label, names, order)
@@ -101,10 +102,10 @@ def prepare(config, out: str, tokenizer, teacher_config) -> dict:
         "classes": list(order),
         "max_length": int(max_length),
         "baseline": report.stats["majority"],
-        "needs_fine_tuning": teacher.needs_fine_tuning,
+        "needs_fine_tuning": checked.needs_fine_tuning,
         "data_check": report.to_dict(),
-        "teacher_check": teacher.to_dict() | {"reasons": teacher.reasons},
-        "markdown": report.markdown() + "\n" + teacher.markdown(),
+        "teacher_check": checked.to_dict() | {"reasons": checked.reasons},
+        "markdown": report.markdown() + "\n" + checked.markdown(),
     }
 
 

@@ -128,7 +128,8 @@ def _markdown(config, report: dict, results: dict, data: dict, shapes: dict) -> 
     table = markdown_table(results, "llmkd compress")
     lines = [table, f"**Result:** `{report['result']['folder']}` — {report['result']['verdict']}", ""]
     lines += [
-        f"Whole command: {report['elapsed_minutes']:.1f} min of a {config.budget_minutes:g} min budget. "
+        f"Every stage before this report: {report['elapsed_minutes']:.1f} min of a {config.budget_minutes:g} min "
+        "budget (the log's last line gives the total). "
         f"Training rows {data['rows']['train']}, search slice {data['rows']['search']}, validation "
         f"{data['rows']['validation']}; max_length {data['max_length']}.",
         "",

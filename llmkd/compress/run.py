@@ -45,7 +45,7 @@ def compress(config) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(teacher_path)
     data = stages.run(
         "checks",
-        lambda: _checks(config, out, tokenizer, AutoConfig.from_pretrained(teacher_path)),
+        lambda: _checks(config, out, tokenizer, AutoConfig.from_pretrained(teacher_path), teacher_path),
     )
     if data["needs_fine_tuning"]:
         tuned = stages.run("teacher", lambda: _fine_tune(config, stages, data, teacher_path, out))
@@ -68,10 +68,10 @@ def compress(config) -> dict:
     )
 
 
-def _checks(config, out, tokenizer, teacher_config) -> dict:
+def _checks(config, out, tokenizer, teacher_config, teacher: str) -> dict:
     from llmkd.compress.prepare import prepare
 
-    return prepare(config, out, tokenizer, teacher_config)
+    return prepare(config, out, tokenizer, teacher_config, teacher)
 
 
 def _load(folder: str):

@@ -88,7 +88,7 @@ def check_teacher(
 ) -> TeacherReport:
     """Checks whether `teacher` can teach on this data; bad teachers are reported, not raised (see the report).
 
-    `teacher`: a model folder / Hub id, or an in-memory classifier (then `tokenizer` is required; for a folder,
+    `teacher`: a model folder / Hub id / embedded:NAME, or an in-memory classifier (then `tokenizer` is required; for a folder,
     None loads its own). `validation`: a dataset or a data file (llmkd.data.loading.read_files); its columns are
     guessed when not given. `classes`: the data's class set (check_data's stats["classes"], train and validation
     together; default: the validation rows' classes, which may lack one). `baseline_class`: the class the baseline
@@ -101,6 +101,10 @@ def check_teacher(
     """
     if isinstance(teacher, nn.Module) and tokenizer is None:
         raise ValueError("an in-memory teacher needs its tokenizer: pass tokenizer=...")
+    if isinstance(teacher, str):
+        from llmkd.students.loading import resolve_path
+
+        teacher = resolve_path(teacher)  # embedded:NAME -> its folder
     report = TeacherReport()
     data, text, label = _validation(validation, text_columns, label_column, max_eval_samples, seed)
     name, model, config = _config(teacher)
