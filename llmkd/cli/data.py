@@ -28,7 +28,9 @@ def _parser() -> argparse.ArgumentParser:
         other.add_argument("--seed", type=int, default=42, help="Seed of the per-class samples.")
         other.add_argument("--per-class", type=int, default=1000, help="Training rows per class (at most).")
         other.add_argument("--validation-per-class", type=int, default=250, help="Validation rows per class.")
-        other.add_argument("--sdist", default=None, help="A local vaderSentiment-3.3.2.tar.gz instead of pip.")
+        other.add_argument(
+            "--sdist", default=None, help="A local vaderSentiment-3.3.2.tar.gz instead of pip."
+        )
         other.add_argument("--cache-dir", default=None, help="Where pip's download is kept (~/.cache/llmkd).")
     return parser
 
@@ -67,7 +69,9 @@ def _other_task(parser, args) -> int:
         )  # fmt: skip
     except ValueError as error:
         parser.error(str(error))
-    print(f"{args.dataset}: {provenance['sizes']} rows, classes {provenance['classes']['train']} -> {args.out_dir}")
+    print(
+        f"{args.dataset}: {provenance['sizes']} rows, classes {provenance['classes']['train']} -> {args.out_dir}"
+    )
     return 0
 
 

@@ -82,7 +82,9 @@ def prepare_task(
 ) -> dict:
     """Writes OUT_DIR/train.jsonl, validation.jsonl and provenance.json; returns the provenance."""
     if per_class < 1 or validation_per_class < 1:
-        raise ValueError(f"per_class={per_class}, validation_per_class={validation_per_class}: need >= 1 each")
+        raise ValueError(
+            f"per_class={per_class}, validation_per_class={validation_per_class}: need >= 1 each"
+        )
     sources, checksums = read_sources(sdist_path, cache_dir)
     classes = task_rows(name, sources)
     rng = np.random.default_rng(seed)
