@@ -61,10 +61,10 @@ def run(task: str, seed: int, args) -> dict:
     return json.loads((out / "report.json").read_text())
 
 
-def _mean(values) -> str:
+def _mean(values, unit: str = "") -> str:
     values = [100 * v for v in values]
-    spread = f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else " (1 seed)"
-    return f"{statistics.mean(values):.1f}{spread}"
+    spread = f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.1f}{unit}{spread}"
 
 
 def summarise(task: str, reports: list[dict]) -> list[str]:
@@ -79,7 +79,8 @@ def summarise(task: str, reports: list[dict]) -> list[str]:
     shapes = sorted({Path(r["evaluation"]["models"]["student (distilled)"]["source"]).name for r in reports})
     winners = [Path(r["result"]["folder"]).name for r in reports]
     lines = [
-        f"| {task} | {_mean(teacher)} | {_mean(student)} | {_mean(kept)}% | "
+        f"| {task} ({len(reports)} seed{'s' if len(reports) > 1 else ''}) | {_mean(teacher)} | {_mean(student)} | "
+        f"{_mean(kept, '%')} | "
         f"×{statistics.mean(speed):.2f} (lowest bound ×{min(low):.2f}) | {_mean(control)} | "
         + ", ".join(
             f"{100 * g['difference']:+.1f} [{100 * g['interval'][0]:+.1f}, {100 * g['interval'][1]:+.1f}]"
