@@ -46,9 +46,8 @@ class Stages:
                     f"{out} holds a compress run made with other settings ({', '.join(changed)} {verb}): rerun "
                     f"with the same settings to resume it, or pass another --output_dir"
                 )
-            self._restart(
-                changed
-            )  # stopped before any training (e.g. a data error): the fix may change settings
+            # Stopped before any training (e.g. by a data error): the fix may change settings.
+            self._restart(changed)
             state = None
         os.makedirs(os.path.join(out, "stages"), exist_ok=True)
         self.before = state["seconds"] if state else 0.0
@@ -87,9 +86,8 @@ class Stages:
         self.say(name, "starting")
         start = self.elapsed()
         record = make() | {"seconds": None}
-        record["seconds"] = (
-            self.elapsed() - start
-        )  # this attempt's: a resumed stage's earlier attempts are lost
+        # This attempt's seconds: a stage resumed after an interruption loses its earlier attempts' from here.
+        record["seconds"] = self.elapsed() - start
         write_json(path, record)
         self._save()
         self.say(name, "done")
