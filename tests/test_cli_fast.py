@@ -221,6 +221,8 @@ def _command_of(recipe: Path) -> str | None:
     values = yaml.safe_load(recipe.read_text())
     if "method" in values:
         return "generate"
+    if {"speedup", "budget_minutes"} & set(values):
+        return "compress"
     # Without teacher or model: a method's config read by a script (recipes/data_free/sampling.yaml).
     return "finetune" if "model" in values else "distill" if {"teacher", "teachers"} & set(values) else None
 
@@ -251,6 +253,11 @@ def test_generate_recipes_are_checked_against_their_method(tmp_path):
 
 @pytest.mark.parametrize("recipe", COMMAND_RECIPES, ids=lambda p: p.stem)
 def test_every_shipped_recipe_passes_the_fast_check(recipe):
+    if _command_of(recipe) == "compress":  # its settings are one dataclass, checked before torch is imported
+        from llmkd.compress.config import compress_config
+
+        compress_config(yaml.safe_load(recipe.read_text()))
+        return
     usage.check_recipe(_command_of(recipe), str(recipe), [])  # no valid key is ever refused
 
 
