@@ -16,14 +16,13 @@ Stages (each resumable, see llmkd.compress.stages), their shares of the budget i
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
 import numpy as np
 
 from llmkd.compress import recipes
-from llmkd.compress.stages import Stages
+from llmkd.compress.stages import Stages, read_json
 
 TEACHER_SHARE = 0.4
 SEARCH_SHARE = 0.3
@@ -170,14 +169,9 @@ def _search(config, stages: Stages, data: dict, teacher: str, shapes: dict, out:
         os.path.join(out, "search", candidates[c["candidate"]], f"steps-{c['steps']}", "llmkd_report.json")
         for c in result["calls"]
     ]
-    result["train_seconds"] = [_read_json(path)["train"]["train_runtime"] for path in reports]
+    result["train_seconds"] = [read_json(path)["train"]["train_runtime"] for path in reports]
     result["winner_index"] = [c["name"] for c in shapes["candidates"]].index(result["winner"])
     return result
-
-
-def _read_json(path: str) -> dict:
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
 
 
 def _search_plan(config, stages: Stages, data: dict, teacher: str, student: str, n: int) -> dict:

@@ -129,6 +129,14 @@ class Stages:
         return report
 
 
+def read_json(path: str) -> dict:
+    """A finished run's JSON record; raises when it is missing (the caller knows it was written)."""
+    record = _read(path)
+    if record is None:
+        raise FileNotFoundError(f"{path} is missing or unreadable: rerun the command to redo that step")
+    return record
+
+
 def _read(path: str) -> dict | None:
     try:
         with open(path, encoding="utf-8") as handle:
