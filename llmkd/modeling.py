@@ -10,11 +10,21 @@ import inspect
 import torch
 from torch import nn
 from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES,
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
     MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
 )
 
 CAUSAL_LM, SEQ_CLS = "causal_lm", "sequence_classification"
+# One label per example, whatever the modality: text, audio and image classifiers share the classifier task.
+CLASSIFIER_MAPPINGS = (
+    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES,
+    MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
+)
+# The main input of each modality, in the order a batch is searched for its size (llmkd.knowledge.counts).
+INPUT_COLUMNS = ("input_ids", "input_values", "input_features", "pixel_values")
 
 
 def base_model(model: nn.Module) -> nn.Module:
@@ -29,11 +39,11 @@ def task_of(model: nn.Module) -> str:
     name = type(base_model(model)).__name__
     if name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
         return CAUSAL_LM
-    if name in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values():
+    if any(name in mapping.values() for mapping in CLASSIFIER_MAPPINGS):
         return SEQ_CLS
     raise ValueError(
-        f"{name} is neither a causal LM nor a sequence classifier; load it with AutoModelForCausalLM or "
-        "AutoModelForSequenceClassification"
+        f"{name} is neither a causal LM nor a classifier; load it with AutoModelForCausalLM, "
+        "AutoModelForSequenceClassification, AutoModelForAudioClassification or AutoModelForImageClassification"
     )
 
 
@@ -57,7 +67,13 @@ def output_head(model: nn.Module) -> nn.Module | None:
 def output_rows(model: nn.Module) -> int:
     """Rows of the output head (the logit width), else the config's vocab_size."""
     head = output_head(model)
-    return int(head.weight.shape[0]) if head is not None else int(text_config(model).vocab_size)
+    if head is not None:
+        return int(head.weight.shape[0])
+    config = text_config(model)
+    name = type(base_model(model)).__name__
+    if any(name in mapping.values() for mapping in CLASSIFIER_MAPPINGS[1:]):  # audio, image: their classes
+        return int(config.num_labels)  # (a speech model's vocab_size is its CTC head's, unused here)
+    return int(config.vocab_size)
 
 
 def forward_keys(model: nn.Module) -> set[str]:
@@ -70,14 +86,47 @@ def select_inputs(inputs: dict, keys: set[str]) -> dict:
     return {k: v for k, v in inputs.items() if k in keys}
 
 
+def main_input(model: nn.Module) -> str:
+    """The forward input that carries an example (input_ids, input_values, input_features or pixel_values)."""
+    keys = forward_keys(model)
+    found = [k for k in INPUT_COLUMNS if k in keys]
+    if not found:
+        raise ValueError(f"{type(base_model(model)).__name__}'s forward takes none of {INPUT_COLUMNS}")
+    return found[0]
+
+
+def position_mask(
+    model: nn.Module, attention_mask: torch.Tensor | None, states: torch.Tensor
+) -> torch.Tensor:
+    """(B, T) bool: which positions of the model's (B, T, H) hidden `states` hold real input.
+
+    Text models: the attention mask itself. Speech models whose convolutional front end shortens the input
+    (wav2vec 2.0, HuBERT, WavLM, …): the mask of the frames, from the model's own length arithmetic
+    (``_get_feature_vector_attention_mask``). No mask (images, unpadded batches): every position.
+    Raises ValueError when the mask's length matches neither the states nor a known front end."""
+    batch, length = states.shape[:2]
+    if attention_mask is None:
+        return torch.ones(batch, length, dtype=torch.bool, device=states.device)
+    if attention_mask.shape[-1] == length:
+        return attention_mask.bool()
+    base = base_model(model)
+    frames = getattr(base, "_get_feature_vector_attention_mask", None)
+    if frames is None:
+        raise ValueError(
+            f"{type(base).__name__}: the attention mask has {attention_mask.shape[-1]} positions but the hidden "
+            f"states {length}, and the model has no rule that maps one onto the other"
+        )
+    return frames(length, attention_mask).bool()
+
+
 @torch.no_grad()
 def is_causal(model: nn.Module) -> bool:
     """Whether the first position's last hidden state ignores the tokens after it (a decoder), measured on one
     tiny forward: two 3-token inputs that differ only in their last token, one at a time (a classifier without a pad
     id refuses batches). Decoder *classifiers* are causal too, which the task alone cannot tell. Encoder-decoder
     models are not: their encoder reads every token."""
-    if is_encoder_decoder(model):
-        return False
+    if is_encoder_decoder(model) or "input_ids" not in forward_keys(model):
+        return False  # audio and image encoders read their whole input
     base = base_model(model)
     vocab = int(text_config(model).vocab_size)
     device = next(base.parameters()).device

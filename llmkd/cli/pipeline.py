@@ -217,6 +217,10 @@ def distill_stage(run, args) -> dict:
 
         steps = Steps(build_models, build_student, build_data, collator_of, metrics_for, train_and_report)
         return distill_mutual(run, args, steps)
+    if run.trainer == "cross_modal":  # each side reads its own column (llmkd.cli.cross_modal)
+        from llmkd.cli.cross_modal import distill_cross_modal
+
+        return distill_cross_modal(run, args, train_and_report)
     if run.trainer == "early_exit":  # the classifier teaches its own exits: loaded once, as both
         task, teacher, teacher_tok, student, student_tok = own_models(run, args)
     else:
@@ -333,7 +337,7 @@ def recipe_values(config_path: str, overrides) -> dict:
 def train_and_report(trainer, args, report: dict, run=None, card_run=None) -> dict:
     """Train (resuming if asked), save the plain model, evaluate, write llmkd_report.json and the model card
     (about `card_run`, default `run`) atomically, then push the folder when push_to_hub is set."""
-    if trainer.processing_class is not None and run is not None:
+    if hasattr(trainer.processing_class, "model_max_length") and run is not None:  # tokenizers only
         # Saved with the checkpoint: `llmkd eval` then cuts inputs as training did.
         trainer.processing_class.model_max_length = run.max_length
     preflight.refuse_finished_run(args)  # last of the checks: never overwrite a finished run silently

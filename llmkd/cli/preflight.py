@@ -25,6 +25,8 @@ from llmkd.modeling import CAUSAL_LM, SEQ_CLS
 
 REPORT = "llmkd_report.json"  # llmkd.cli.pipeline.REPORT
 FULL = (errno.ENOSPC, errno.EDQUOT)
+PROCESSOR_FILE = "preprocessor_config.json"  # an audio feature extractor's or an image processor's settings
+CLASSIFIERS = ("ForSequenceClassification", "ForAudioClassification", "ForImageClassification")
 CHECKPOINT_FILES = ("llmkd_checkpoint.json", "trainer_state.json")  # what only a checkpoint-N folder holds
 
 
@@ -214,11 +216,11 @@ def check_model_folder(role: str, name) -> None:
             f"{role} {name!r} has no config.json, so it is not a saved model; save one with "
             "model.save_pretrained(FOLDER) and tokenizer.save_pretrained(FOLDER)"
         )
-    if not has_tokenizer(name):
+    if not has_tokenizer(name) and not os.path.isfile(os.path.join(name, PROCESSOR_FILE)):
         raise FileNotFoundError(
-            f"{role} {name!r} has no tokenizer (none of {', '.join(TOKENIZER_CORE)}, ...): transformers would "
-            "make one that reads every word as unknown; save the model's tokenizer there with "
-            "tokenizer.save_pretrained(FOLDER)"
+            f"{role} {name!r} has no tokenizer (none of {', '.join(TOKENIZER_CORE)}, ...) nor {PROCESSOR_FILE}: "
+            "transformers would make a tokenizer that reads every word as unknown; save the model's tokenizer "
+            "(or an audio/image model's feature extractor) there with .save_pretrained(FOLDER)"
         )
 
 
@@ -238,7 +240,7 @@ def _head_task(config) -> str | None:
     architectures = getattr(config, "architectures", None) or []
     if any(a.endswith("ForCausalLM") for a in architectures):
         return CAUSAL_LM
-    if any(a.endswith("ForSequenceClassification") for a in architectures):
+    if any(a.endswith(CLASSIFIERS) for a in architectures):
         return SEQ_CLS
     return None
 

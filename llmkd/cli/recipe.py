@@ -130,12 +130,24 @@ class RunConfig(DataConfig):
     trainer: str = _help(
         "Which trainer: distill (DistillationTrainer), on_policy (GKD: student-sampled completions; its keys "
         "lmbda, seq_kd, max_new_tokens, sampling_temperature, top_k, top_p), cross_tokenizer (ULD for a "
-        "student with another tokenizer; keys uld_weight, uld_chunk_size), early_exit (FastBERT: exits on "
+        "student with another tokenizer; keys uld_weight, uld_chunk_size), cross_modal (a classifier teacher "
+        "teaches a student that reads another column of each example through its own processor — audio, images "
+        "or another tokenizer; keys student_column, teacher_column, max_seconds), early_exit (FastBERT: exits on "
         "the student's own layers, taught by its final layer; teacher names the student; keys exit_layers, "
         "exit_loss, exit_kd_weight, exit_hint_weight, exit_label_weight, freeze_backbone), mutual (deep mutual "
         "learning: num_peers peers built like the student teach each other, teacher only lends its layers; keys "
         "num_peers, mutual_target, peer_heads).",
         "distill",
+    )
+    student_column: str | None = _help(
+        "trainer: cross_modal: the column the student reads through its own processor: audio (WAV paths relative "
+        "to the data file, or arrays), images, or text for another tokenizer (llmkd.data.paired)."
+    )
+    teacher_column: str | None = _help(
+        "trainer: cross_modal: the column the teacher reads through its own processor (default: text_columns)."
+    )
+    max_seconds: float | None = _help(
+        "trainer: cross_modal: cut audio to this many seconds (> 0; default: whole clips)."
     )
     teacher_cache: str | None = _help(
         "Teacher-logit cache folder: written by `llmkd cache-teacher`, read by the distillation run, which then "
@@ -194,6 +206,9 @@ class RunConfig(DataConfig):
         from llmkd.cli.ensemble import check_run  # teachers, teacher_combination, route_column
 
         check_run(self)
+        from llmkd.cli.cross_modal import check_recipe as check_cross_modal  # its keys, and what it refuses
+
+        check_cross_modal(self)
 
     def _check_cache_options(self) -> None:
         if not isinstance(self.cache_top_k, int) or self.cache_top_k < 1:

@@ -7,6 +7,8 @@ EOS that comparison would mask every real EOS, and the student would never learn
 
 - :func:`padding_id`: the id written into padded slots (masked everywhere, so any valid id works);
 - :func:`pad_rows`: rows of token lists -> right- (or left-) padded tensors, with attention masks;
+- :func:`pad_signals`: rows of audio samples, audio features or pixels -> right-padded float tensors, with
+  attention masks when the lengths differ (each row's values were computed alone, so padding changes none);
 - :class:`DistillationCollator`: the collator every llmkd trainer uses by default (classifier rows, plain LM text,
   prompt/completion rows, and the teacher's own token stream under the ``teacher_`` prefix);
 - :class:`RightPadded`: wraps any other collator so its batches are right-aligned and plain-LM labels come from
@@ -23,6 +25,8 @@ import torch
 from transformers import DataCollatorForLanguageModeling
 
 IGNORE_INDEX = -100
+# Inputs that are not token ids: raw audio (T,), audio features (T, D) with time first, pixels (C, H, W).
+SIGNAL_COLUMNS = ("input_values", "input_features", "pixel_values")
 # Fill values of the padded slots by column; token-id columns take the pad id.
 FILL = {"attention_mask": 0, "token_type_ids": 0, "labels": IGNORE_INDEX, "special_tokens_mask": 1}
 TOKEN_COLUMNS = ("input_ids",)
@@ -79,6 +83,31 @@ def pad_rows(
     return out
 
 
+def pad_signals(
+    rows: Sequence[dict], prefix: str = "", padding_value: float = 0.0
+) -> dict[str, torch.Tensor]:
+    """Right-pads the ``{prefix}`` signal column of `rows` along its first (time) axis.
+
+    Returns the (B, T_max, ...) float32 column and, when the rows differ in length (or carry one), the (B, T_max)
+    long ``{prefix}attention_mask`` (1 on real frames). Rows of equal shape without a mask are stacked as they are
+    (images, fixed-length features). Raises ValueError when rows differ in more than the first axis."""
+    key = next(f"{prefix}{c}" for c in SIGNAL_COLUMNS if f"{prefix}{c}" in rows[0])
+    values = [torch.as_tensor(row[key], dtype=torch.float32) for row in rows]
+    shapes = {tuple(v.shape[1:]) for v in values}
+    if len(shapes) > 1:
+        raise ValueError(f"{key}: rows differ in more than their length: shapes {sorted(shapes)}")
+    lengths = [v.shape[0] for v in values]
+    mask_key = f"{prefix}attention_mask"
+    if len(set(lengths)) == 1 and mask_key not in rows[0]:
+        return {key: torch.stack(values)}
+    batch = torch.full((len(rows), max(lengths), *values[0].shape[1:]), padding_value, dtype=torch.float32)
+    mask = torch.zeros(len(rows), max(lengths), dtype=torch.long)
+    for i, (v, n) in enumerate(zip(values, lengths)):
+        batch[i, :n] = v
+        mask[i, :n] = torch.as_tensor(rows[i][mask_key])[:n] if mask_key in rows[i] else 1
+    return {key: batch, mask_key: mask}
+
+
 def _missing(row: dict, ids_key: str, column: str, fill: int) -> list[int]:
     """A column one row lacks: a full attention mask, its ids as plain-LM labels, else the fill value."""
     n = len(row[ids_key])
@@ -118,8 +147,9 @@ def lm_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Te
 class DistillationCollator:
     """Right-pads each token stream of a batch and turns the other columns into tensors.
 
-    Streams: the student's (no prefix) and, when present, the teacher's own tokenisation (``teacher_`` prefix, for
-    teachers with another tokenizer). Classifier rows: ``label`` becomes ``labels``. Causal-LM rows without labels
+    Streams: the student's (no prefix) and, when present, the teacher's own inputs (``teacher_`` prefix, for
+    teachers with another tokenizer or another modality: llmkd.data.paired). Token streams are padded with the
+    pad id, signal streams (audio, features, pixels) by `pad_signals` with the processor's padding value. Classifier rows: ``label`` becomes ``labels``. Causal-LM rows without labels
     get labels from the attention mask; rows with labels (prompt/completion: -100 on the prompt) keep them.
     Scalar columns (``prompt_length``, ``cache_index``, …) become (B,) tensors; strings are dropped.
     """
@@ -140,6 +170,9 @@ class DistillationCollator:
             *((prefix, None, None) for prefix in member_streams(features[0])),
         )
         for prefix, tokenizer, config in streams:
+            if any(f"{prefix}{c}" in features[0] for c in SIGNAL_COLUMNS):
+                batch |= pad_signals(features, prefix, float(getattr(tokenizer, "padding_value", 0.0) or 0.0))
+                continue
             if f"{prefix}input_ids" not in features[0]:
                 continue
             pad_id = padding_id(tokenizer, config)
@@ -152,7 +185,7 @@ class DistillationCollator:
         for key, value in features[0].items():
             if key in batch or value is None or isinstance(value, (str, list, tuple)):
                 continue
-            if isinstance(value, torch.Tensor) and value.dim() > 0:
+            if getattr(value, "ndim", 0) > 0:  # tensors and arrays of other columns
                 continue
             batch["labels" if key == "label" else key] = torch.tensor([f[key] for f in features])
         return batch

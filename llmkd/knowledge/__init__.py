@@ -21,6 +21,7 @@ from llmkd.knowledge.hidden import HiddenKnowledge
 from llmkd.knowledge.labels import LabelKnowledge, label_term
 from llmkd.knowledge.layer_maps import freeze
 from llmkd.knowledge.logits import LogitKnowledge
+from llmkd.knowledge.pooled import AlignedKnowledge, PooledKnowledge
 from llmkd.knowledge.relation import RelationKnowledge
 from llmkd.losses import get_loss
 
@@ -29,6 +30,8 @@ KNOWLEDGE: dict[str, type[Knowledge]] = {
     "hidden": HiddenKnowledge,
     "attention": AttentionKnowledge,
     "relation": RelationKnowledge,
+    "pooled": PooledKnowledge,
+    "aligned": AlignedKnowledge,
     "cross_vocab": CrossVocabKnowledge,
     "exits": ExitKnowledge,  # built by trainer: early_exit from its exit_* settings, not listed in terms
     "adversarial": AdversarialKnowledge,

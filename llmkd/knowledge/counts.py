@@ -9,21 +9,32 @@ from __future__ import annotations
 
 import torch
 
-from llmkd.modeling import CAUSAL_LM
+from llmkd.modeling import CAUSAL_LM, INPUT_COLUMNS
 
 Tensor = torch.Tensor
 
 
+def main_tensor(batch: dict) -> Tensor:
+    """The student's main input of a batch (token ids, audio samples or features, or pixels)."""
+    for key in INPUT_COLUMNS:
+        if key in batch:
+            return batch[key]
+    raise KeyError(f"the batch has none of the input columns {INPUT_COLUMNS} (it has {sorted(batch)})")
+
+
 def examples(batch: dict, task: str) -> Tensor:
     """(B,) all true: one item per example (classifiers, relation terms)."""
-    ids = batch["input_ids"]
-    return torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
+    main = main_tensor(batch)
+    return torch.ones(main.shape[0], dtype=torch.bool, device=main.device)
 
 
 def tokens(batch: dict, task: str) -> Tensor:
-    """(B, T) real tokens: the attention mask."""
+    """(B, T) real positions of the student's input: the attention mask (all of them without one)."""
     mask = batch.get("attention_mask")
-    return mask.bool() if mask is not None else torch.ones_like(batch["input_ids"], dtype=torch.bool)
+    if mask is not None:
+        return mask.bool()
+    main = main_tensor(batch)
+    return torch.ones(main.shape[:2], dtype=torch.bool, device=main.device)
 
 
 def targets(batch: dict, task: str) -> Tensor:

@@ -26,6 +26,7 @@ from torch import nn
 from llmkd.knowledge import layer_maps
 from llmkd.knowledge.adapters import linear_projector
 from llmkd.knowledge.base import Knowledge, Pair, Term, TermValues
+from llmkd.knowledge.counts import main_tensor
 from llmkd.knowledge.relation import RelationKnowledge, pool
 from llmkd.losses.graph import flow_matrix
 from llmkd.modeling import hidden_width, num_layers
@@ -81,14 +82,14 @@ class GraphKnowledge(RelationKnowledge):
         return adapter(student_out.hidden_states[self.pairs[-1][0]])
 
     def values(self, student_out, teacher_out, batch, adapted) -> TermValues:
-        mask = batch.get("attention_mask")
         causal_s, causal_t = self.causal
         s_states, t_states = student_out.hidden_states, teacher_out.hidden_states
-        student = torch.stack([pool(s_states[s], mask, causal_s) for s, _ in self.pairs])
-        teacher = torch.stack([pool(t_states[t], mask, causal_t) for _, t in self.pairs])
-        vertex = pool(adapted, mask, causal_s) if adapted is not None else None
+        masks = [self.side_masks(batch, s_states[s], t_states[t]) for s, t in self.pairs]
+        student = torch.stack([pool(s_states[s], m[0], causal_s) for (s, _), m in zip(self.pairs, masks)])
+        teacher = torch.stack([pool(t_states[t], m[1], causal_t) for (_, t), m in zip(self.pairs, masks)])
+        vertex = pool(adapted, masks[-1][0], causal_s) if adapted is not None else None
         per = self.loss(student, teacher, vertex, **self.term.params)
-        return TermValues(per.expand(batch["input_ids"].shape[0]), None, "examples")
+        return TermValues(per.expand(main_tensor(batch).shape[0]), None, "examples")
 
 
 def check_flow_map(layer_map: Any, where: str) -> None:

@@ -1,8 +1,9 @@
 """Relation knowledge: how the examples of a batch relate to each other (RKD, SP, PKT) on pooled vectors.
 
 Park et al. 2019 (RKD, arXiv 1904.05068); Tung & Mori 2019 (SP, arXiv 1907.09682); Passalis & Tefas 2018
-(PKT, arXiv 1803.10837). Each example is pooled to one vector: its first token for encoders ([CLS]), the mean
-of its real tokens for decoders, classifiers included (a causal model's first token has seen nothing else; which
+(PKT, arXiv 1803.10837). Each example is pooled to one vector: its first token for text encoders ([CLS]), the
+mean of its real positions for decoders, classifiers included, and for audio and image encoders (each side over
+its own mask: a teacher reading its own inputs, a speech student's frames) (a causal model's first token has seen nothing else; which
 one a model is, is measured by `llmkd.modeling.is_causal`). A relation loss is one
 number per batch by nature: it is spread over the batch's examples (count kind "examples"), so a batch weighs
 by its share of the window's examples.
@@ -13,7 +14,8 @@ from __future__ import annotations
 import torch
 
 from llmkd.knowledge.base import LayerKnowledge, Pair, Term, TermValues
-from llmkd.modeling import CAUSAL_LM, is_causal
+from llmkd.knowledge.counts import main_tensor
+from llmkd.modeling import CAUSAL_LM, forward_keys, is_causal, position_mask
 
 Tensor = torch.Tensor
 
@@ -37,10 +39,24 @@ class RelationKnowledge(LayerKnowledge):
     def __init__(self, term: Term, pair: Pair, index: int = 0):
         super().__init__(term, pair, index)
         # Pooling follows each model's attention, not the task: a decoder classifier's first token saw nothing.
-        teacher = getattr(pair.source.member(term.teacher), "model", None)
+        source = pair.source.member(term.teacher)
+        teacher = getattr(source, "model", None)
+        self.models, self.teacher_prefix = (pair.student, teacher), getattr(source, "input_prefix", "")
+        # Audio and image encoders have no [CLS] token: their example is the mean of their real positions.
         self.causal = (
-            is_causal(pair.student),
-            is_causal(teacher) if teacher is not None else pair.task == CAUSAL_LM,
+            is_causal(pair.student) or "input_ids" not in forward_keys(pair.student),
+            (is_causal(teacher) or "input_ids" not in forward_keys(teacher))
+            if teacher is not None
+            else pair.task == CAUSAL_LM,
+        )
+
+    def side_masks(self, batch: dict, s_states: Tensor, t_states: Tensor) -> tuple[Tensor, Tensor]:
+        """Each side's (B, T) real positions: a teacher reading its own inputs has its own mask, a speech
+        student's frames come from its front end (llmkd.modeling.position_mask)."""
+        student, teacher = self.models
+        return (
+            position_mask(student, batch.get("attention_mask"), s_states),
+            position_mask(teacher, batch.get(self.teacher_prefix + "attention_mask"), t_states),
         )
 
     @classmethod
@@ -48,13 +64,13 @@ class RelationKnowledge(LayerKnowledge):
         return torch.randn(3, 2), torch.randn(3, 4)
 
     def values(self, student_out, teacher_out, batch, adapted) -> TermValues:
-        mask = batch.get("attention_mask")
         s_states, t_states = student_out.hidden_states, teacher_out.hidden_states
         causal_s, causal_t = self.causal
-        pooled = [
-            (pool(s_states[s], mask, causal_s), pool(t_states[t], mask, causal_t)) for s, t in self.pairs
-        ]
-        n = batch["input_ids"].shape[0]
+        pooled = []
+        for s, t in self.pairs:
+            s_mask, t_mask = self.side_masks(batch, s_states[s], t_states[t])
+            pooled.append((pool(s_states[s], s_mask, causal_s), pool(t_states[t], t_mask, causal_t)))
+        n = main_tensor(batch).shape[0]
         parts = [self.loss(s, t, **self.term.params).expand(n) for s, t in pooled]
         side = self.layer_values(parts, None, "examples")
         return TermValues(sum(parts) / len(parts), None, "examples", side)

@@ -85,6 +85,9 @@ def _entry(fn: Callable[..., Tensor], soft_target: bool = False) -> Loss:
 LOSSES: dict[str, dict[str, Loss]] = {
     "logits": {name: _entry(fn, name not in _NOT_SOFT) for name, fn in RESPONSE_LOSSES.items()},
     "hidden": {name: _entry(fn) for name, fn in HIDDEN_LOSSES.items()},
+    # One pooled vector per example (B, H) -> (B,): the same formulas as the per-token hidden-state losses.
+    "pooled": {name: _entry(fn) for name, fn in HIDDEN_LOSSES.items()},
+    "aligned": {name: _entry(fn) for name, fn in HIDDEN_LOSSES.items()},  # per student frame (B, T)
     "attention": {name: _entry(fn) for name, fn in ATTENTION_LOSSES.items()},
     "relation": {name: _entry(fn) for name, fn in RELATION_LOSSES.items()},
     "cross_vocab": {"uld": _entry(uld_loss)},

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from llmkd.schemes.base import KDTrainer
 from llmkd.schemes.config import DistillationConfig
+from llmkd.schemes.cross_modal import CrossModalConfig, CrossModalTrainer
 from llmkd.schemes.cross_tokenizer import CrossTokenizerConfig, CrossTokenizerTrainer
 from llmkd.schemes.early_exit import EarlyExitConfig, EarlyExitTrainer
 from llmkd.schemes.mutual import MutualConfig, MutualTrainer
@@ -19,6 +20,7 @@ SCHEMES: dict[str, tuple[type[KDTrainer], type[DistillationConfig]]] = {
     "distill": (DistillationTrainer, DistillationConfig),
     "on_policy": (OnPolicyTrainer, OnPolicyConfig),
     "cross_tokenizer": (CrossTokenizerTrainer, CrossTokenizerConfig),
+    "cross_modal": (CrossModalTrainer, CrossModalConfig),
     "early_exit": (EarlyExitTrainer, EarlyExitConfig),
     "mutual": (MutualTrainer, MutualConfig),
 }
@@ -33,6 +35,8 @@ def scheme(name: str) -> tuple[type[KDTrainer], type[DistillationConfig]]:
 
 __all__ = [
     "SCHEMES",
+    "CrossModalConfig",
+    "CrossModalTrainer",
     "CrossTokenizerConfig",
     "CrossTokenizerTrainer",
     "DistillationConfig",

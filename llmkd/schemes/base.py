@@ -255,11 +255,13 @@ class KDTrainer(SafeCheckpoints, Trainer):  # SafeCheckpoints: complete checkpoi
 
     # ---- metrics: sums and counts ------------------------------------------------------------------
     def _eval_columns(self, columns, student_out, teacher_out, inputs, local) -> None:
-        # Agreement compares argmaxes over one vocabulary: not for scores, nor across tokenizers.
+        # Agreement compares argmaxes over one label space or vocabulary: not for scores, nor across the
+        # vocabularies of two tokenizers (classes stay classes whatever each side reads).
         has_targets = teacher_out is not None and (
             teacher_out.logits is not None or teacher_out.topk is not None
         )
-        if has_targets and not self.pair.regression and not self.source.input_prefix:
+        own_vocabulary = self.source.input_prefix and self.pair.task == CAUSAL_LM
+        if has_targets and not self.pair.regression and not own_vocabulary:
             agree = agreement(student_out.logits, teacher_out, inputs, self.pair.task, self.pair.vocab_rows)
             columns["agreement"] = (agree, local["targets"])
         self.tally.add_per_example("eval", columns, self.accelerator.gather_for_metrics)

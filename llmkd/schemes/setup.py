@@ -175,8 +175,12 @@ def check_datasets(args, task: str, train_dataset, eval_dataset, source=None) ->
 
 _MISSING_HINT = {
     "cache_index": "build the datasets with llmkd.teachers.cached.binding.cached_trainer_kwargs",
-    "teacher_input_ids": "tokenise them with both tokenizers: llmkd.data.loading.tokenize_pairs",
+    "teacher_input_ids": "encode them with both processors: llmkd.data.paired.encode_pairs (classifiers) or "
+    "llmkd.data.loading.tokenize_pairs (causal LMs)",
     "teacher_labels": "tokenise them with both tokenizers: llmkd.data.loading.tokenize_pairs",
+} | {
+    f"teacher_{c}": "encode them with both processors: llmkd.data.paired.encode_pairs"
+    for c in ("input_values", "input_features", "pixel_values")
 }
 
 

@@ -18,7 +18,7 @@ import torch
 from accelerate.utils import DistributedType
 from torch import nn
 
-from llmkd.modeling import base_model, forward_keys, output_rows, task_of
+from llmkd.modeling import CAUSAL_LM, base_model, forward_keys, main_input, output_rows, task_of
 from llmkd.teachers.base import TeacherOutputs, TeacherSource
 
 logger = logging.getLogger(__name__)
@@ -52,8 +52,12 @@ class LiveTeacher(TeacherSource):
         return {self.input_prefix + k for k in self.keys} | {self.input_prefix + "labels"}
 
     def required_columns(self) -> set[str]:
-        # Its own tokenisation of each example (llmkd.data.loading.tokenize_pairs); else the student's ids.
-        return {self.input_prefix + "input_ids", self.input_prefix + "labels"} if self.input_prefix else set()
+        # Its own inputs of each example (llmkd.data.loading.tokenize_pairs, llmkd.data.paired); else the
+        # student's ids. A causal LM also needs its own labels (which of its tokens are targets).
+        if not self.input_prefix:
+            return set()
+        labels = {self.input_prefix + "labels"} if self.task == CAUSAL_LM else set()
+        return {self.input_prefix + main_input(self.model)} | labels
 
     # -- checks before training --------------------------------------------------------------------
     def check(self, pair) -> None:
