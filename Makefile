@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test demo demo-data-free quality style bench bench-methods bench-compress clean
+.PHONY: install test demo demo-data-free demo-cross-modal espeak-ng quality style bench bench-methods bench-compress clean
 
 install: $(STAMP)
 
@@ -26,6 +26,14 @@ demo: install
 # Data-free distillation (issue 4): SmolLM2 writes the transfer sets; reuses `make demo`'s teacher (or makes it).
 demo-data-free: install
 	$(PY) recipes/demo_data_free.py
+
+# Cross-modal distillation (issue 13): the demo's MiniLM teacher reads Rotten Tomatoes sentences, a speech student
+# hears them spoken by espeak-ng (installed here from the system packages when missing). About 20 minutes.
+demo-cross-modal: install espeak-ng
+	$(PY) recipes/demo_cross_modal.py
+
+espeak-ng:
+	@command -v espeak-ng >/dev/null || { if [ "$$(id -u)" = 0 ]; then apt-get install -y espeak-ng || { apt-get update && apt-get install -y espeak-ng; }; else sudo apt-get install -y espeak-ng; fi; }
 
 quality: install
 	$(VENV)/bin/ruff check .
