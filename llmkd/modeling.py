@@ -47,6 +47,14 @@ def task_of(model: nn.Module) -> str:
     )
 
 
+def modality(model: nn.Module) -> str:
+    """ "audio", "image" or "text": what the model reads (from its class: audio and image classifiers; else text)."""
+    name = type(base_model(model)).__name__
+    if name in MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES.values():
+        return "audio"
+    return "image" if name in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.values() else "text"
+
+
 def text_config(model: nn.Module):
     config = base_model(model).config
     return config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -70,8 +78,7 @@ def output_rows(model: nn.Module) -> int:
     if head is not None:
         return int(head.weight.shape[0])
     config = text_config(model)
-    name = type(base_model(model)).__name__
-    if any(name in mapping.values() for mapping in CLASSIFIER_MAPPINGS[1:]):  # audio, image: their classes
+    if modality(model) != "text":  # audio, image classifiers: their classes
         return int(config.num_labels)  # (a speech model's vocab_size is its CTC head's, unused here)
     return int(config.vocab_size)
 
@@ -144,4 +151,8 @@ def is_causal(model: nn.Module) -> bool:
 
 
 def is_encoder_decoder(model: nn.Module) -> bool:
+    """Whether the model returns encoder and decoder states apart (an audio classifier of an encoder-decoder
+    family, such as WhisperForAudioClassification, runs the encoder only)."""
+    if modality(model) == "audio":
+        return False
     return bool(getattr(base_model(model).config, "is_encoder_decoder", False))

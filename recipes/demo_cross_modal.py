@@ -45,7 +45,6 @@ from llmkd.atomic import write_json  # noqa: E402
 from llmkd.cli.pipeline import finetune  # noqa: E402
 from llmkd.data.assets.minilm import minilm_path  # noqa: E402
 from llmkd.data.assets.speech import HELD_OUT_VOICES, TRAIN_VOICES, synthesise  # noqa: E402
-from llmkd.data.collate import DistillationCollator  # noqa: E402
 from llmkd.data.paired import encode_pairs  # noqa: E402
 from llmkd.evaluation.metrics import accuracy  # noqa: E402
 from llmkd.schemes import CrossModalConfig, CrossModalTrainer  # noqa: E402
@@ -89,7 +88,7 @@ def teacher_and_data(args) -> tuple[Path, Path]:
 def sentences(path: Path, max_words: int, limit: int | None) -> list[dict]:
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     rows = [r for r in rows if len(r["sentence"].split()) <= max_words]
-    return rows[:limit] if limit else rows
+    return rows[:: max(1, len(rows) // limit)][:limit] if limit else rows  # smoke: spread over both classes
 
 
 def spoken_split(rows: list[dict], out: Path, held_out: bool, extractor, tokenizer, max_length: int):
@@ -165,7 +164,6 @@ def train_row(name: str, seed: int, ctx: dict) -> dict:
         args=args,
         train_dataset=ctx["train"],
         eval_dataset=ctx["validation"],
-        data_collator=DistillationCollator(ctx["extractor"], teacher_tokenizer=ctx["tokenizer"]),
         processing_class=ctx["extractor"],
         teacher_processing_class=ctx["tokenizer"],
         compute_metrics=accuracy,

@@ -377,7 +377,10 @@ def test_the_demo_settings_build_its_configs_and_student(tmp_path):
 
 @pytest.mark.parametrize(
     "term",
-    [{"knowledge": "relation", "loss": "sp"}, {"knowledge": "graph", "loss": "irg", "layer_map": [[1, 2], [2, 4]]}],
+    [
+        {"knowledge": "relation", "loss": "sp"},
+        {"knowledge": "graph", "loss": "irg", "layer_map": [[1, 2], [2, 4]]},
+    ],
     ids=["relation", "graph"],
 )
 def test_batch_relations_across_modalities_pool_each_side_alone(term, tmp_path):
@@ -393,7 +396,10 @@ def test_batch_relations_across_modalities_pool_each_side_alone(term, tmp_path):
     pooled_s, pooled_t = [], []
     with torch.no_grad():
         for row in rows:
-            s = student(input_features=torch.as_tensor(np.asarray(row["input_features"]))[None], output_hidden_states=True)
+            s = student(
+                input_features=torch.as_tensor(np.asarray(row["input_features"]))[None],
+                output_hidden_states=True,
+            )
             t = teacher_model(input_ids=torch.tensor([row["teacher_input_ids"]]), output_hidden_states=True)
             pooled_s.append([s.hidden_states[a][0].mean(0) for a, _ in layers])
             pooled_t.append([t.hidden_states[b][0, 0] for _, b in layers])
@@ -408,3 +414,108 @@ def test_batch_relations_across_modalities_pool_each_side_alone(term, tmp_path):
         teachers = torch.stack([stack(pooled_t, k) for k in range(2)])
         reference = LOSSES["graph"]["irg"](students, teachers, vertex)
     torch.testing.assert_close(value, reference, atol=1e-5, rtol=1e-4)
+
+
+def test_audio_cells_of_every_kind_read_alike(tmp_path):
+    """Stereo is averaged, 8-bit WAV is unsigned, WAV bytes / paths / decoder objects give the same clip."""
+    mono = (np.sin(np.arange(1600) * 0.05) * 0.5).astype(np.float32)
+    wavfile.write(tmp_path / "s.wav", 16000, (np.stack([mono, mono], 1) * 32767).astype(np.int16))
+    np.testing.assert_allclose(read_audio("s.wav", 16000, str(tmp_path)), mono, atol=1e-4)
+    wavfile.write(tmp_path / "u8.wav", 16000, np.full(100, 128, dtype=np.uint8))
+    assert np.abs(read_audio(str(tmp_path / "u8.wav"), 16000)).max() == 0  # 8-bit silence is 128
+    cell = {"path": None, "bytes": (tmp_path / "s.wav").read_bytes()}
+    np.testing.assert_allclose(read_audio(cell, 16000), mono, atol=1e-4)
+
+    class Decoder:  # the shape of torchcodec's AudioDecoder, which datasets.Audio columns decode to
+        def get_all_samples(self):
+            return type(
+                "Samples", (), {"data": torch.from_numpy(np.stack([mono, mono])), "sample_rate": 8000}
+            )()
+
+    assert len(read_audio(Decoder(), 16000)) == 3200  # resampled from 8 kHz
+    for bad in (None, np.zeros(0, dtype=np.float32)):
+        with pytest.raises(ValueError, match="audio"):
+            read_audio(bad, 16000)
+
+
+def test_image_paths_are_relative_to_the_data_file(tmp_path):
+    from PIL import Image
+
+    _, processor = STUDENTS["vit"]()
+    (tmp_path / "pics").mkdir()
+    Image.fromarray(np.full((20, 20), 200, dtype=np.uint8)).save(tmp_path / "pics" / "0.png")  # grayscale
+    rows = Dataset.from_dict({"image": ["pics/0.png"], "text": ["w1 w2"], "label": [1]})
+    data = encode_pairs(rows, processor, teacher()[1], student_column="image", base_dir=str(tmp_path))
+    assert np.asarray(data[0]["pixel_values"]).shape == (3, 16, 16)
+    with pytest.raises(ValueError, match="student_column='picture'.*no column 'picture'"):
+        encode_pairs(rows, processor, teacher()[1], student_column="picture")
+
+
+def test_relation_terms_refuse_a_batch_of_one_example(tmp_path):
+    with pytest.raises(ValueError, match="batch of one example.*dataloader_drop_last"):
+        trainer_for(
+            "w2v_bert",
+            tmp_path,
+            n=7,
+            terms=[{"knowledge": "relation", "loss": "sp"}],
+            per_device_train_batch_size=3,
+        )
+    trainer, _ = trainer_for(  # the control: the last batch of one is dropped
+        "w2v_bert",
+        tmp_path,
+        n=7,
+        terms=[{"knowledge": "relation", "loss": "sp"}],
+        per_device_train_batch_size=3,
+        dataloader_drop_last=True,
+    )
+    assert trainer.terms[0].name == "distill/relation_sp"
+
+
+def test_group_norm_students_are_warned_about(tmp_path, caplog):
+    student, extractor = wav2vec2_student()
+    student.config.feat_extract_norm = "group"
+    model, tokenizer = teacher()
+    data = encode_pairs(raw_pairs(4), extractor, tokenizer)
+    args = CrossModalConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    with caplog.at_level("WARNING"):
+        CrossModalTrainer(model=type(student)(student.config), teacher=model, args=args, train_dataset=data)
+    assert "feat_extract_norm='layer'" in caplog.text
+
+
+def test_recipe_students_load_safely_and_take_the_teacher_class_names(tmp_path):
+    from llmkd.cli.pipeline import distill
+
+    path = recipe_files(tmp_path)
+    report = distill(path)
+    assert report["fresh_student"]
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["id2label"] == {"0": "neg", "1": "pos"}  # the teacher's names, not LABEL_0 / LABEL_1
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert (
+        "audio-classification" in card
+        and "AutoModelForAudioClassification" in card
+        and "AutoFeatureExtractor" in card
+    )
+    torch.save({}, tmp_path / "student" / "pytorch_model.bin")  # pickled weights only: refused, never loaded
+    recipe = yaml.safe_load(Path(path).read_text()) | {"output_dir": str(tmp_path / "out2")}
+    Path(path).write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ValueError, match="pickled weights"):
+        distill(path)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"label_column": "lable"}, "no label column 'lable'"),
+        ({"max_seconds": 1.0, "terms": [{"knowledge": "aligned", "loss": "mse"}]}, "cuts the audio but not"),
+        ({"max_seconds": True}, "max_seconds must be a number"),
+    ],
+)
+def test_more_bad_cross_modal_recipes(tmp_path, change, message):
+    from llmkd.cli.pipeline import distill
+
+    path = recipe_files(tmp_path)
+    Path(path).write_text(yaml.safe_dump(yaml.safe_load(Path(path).read_text()) | change))
+    with pytest.raises(ValueError, match=message):
+        distill(path)
+    assert not (tmp_path / "out").exists()

@@ -12,11 +12,14 @@ read by the teacher's tokenizer. Rows are encoded by `llmkd.data.paired.encode_p
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import torch
 
 from llmkd.modeling import SEQ_CLS
+
+logger = logging.getLogger(__name__)
 
 # Auto classes of classifiers by the suffix of the checkpoint's architecture name.
 CLASSIFIER_SUFFIXES = {
@@ -47,10 +50,16 @@ def check_recipe(run) -> None:
             f"trainer: cross_modal does not combine with {given or ['qlora/dataset_name']}; give train_file "
             "(and validation_file) with both columns, one teacher and a student folder"
         )
-    if run.max_seconds is not None and not (
-        isinstance(run.max_seconds, (int, float)) and run.max_seconds > 0
+    seconds = run.max_seconds
+    if seconds is not None and (
+        isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0
     ):
         raise ValueError(f"max_seconds must be a number > 0 or null, got {run.max_seconds!r}")
+
+
+def _generic_names(config) -> bool:
+    names = config.id2label or {}
+    return all(str(names.get(i, f"LABEL_{i}")) == f"LABEL_{i}" for i in range(config.num_labels))
 
 
 def classifier_class(config):
@@ -73,16 +82,28 @@ def classifier_class(config):
     )
 
 
-def load_classifier(path: str, run, seed: int):
-    """A saved classifier; a folder without weights: a fresh one from its config, seeded (a student to train)."""
+def load_classifier(path: str, run, seed: int, role: str):
+    """A saved classifier (safetensors weights); a folder with a config and no weights at all: a fresh one from
+    the config, seeded (a student to train; said in the log). Raises ValueError for pickled weights only."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=run.trust_remote_code)
     cls = classifier_class(config)
-    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in WEIGHT_FILES):
-        torch.manual_seed(seed)
-        return cls.from_config(config)
-    return cls.from_pretrained(path, trust_remote_code=run.trust_remote_code)
+    if os.path.isdir(path):
+        files = os.listdir(path)
+        if not any(f in WEIGHT_FILES for f in files):
+            pickled = sorted(f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt")))
+            if pickled:
+                raise ValueError(
+                    f"the {role} {path!r} holds only pickled weights {pickled}, which llmkd does not unpickle; "
+                    "save it again with save_pretrained(FOLDER) (safetensors, the default)"
+                )
+            if role == "teacher":
+                raise ValueError(f"the teacher {path!r} has no model.safetensors: a teacher must be trained")
+            logger.info("student %s has a config and no weights: a fresh student, seeded with %d", path, seed)
+            torch.manual_seed(seed)
+            return cls.from_config(config), True
+    return cls.from_pretrained(path, trust_remote_code=run.trust_remote_code, use_safetensors=True), False
 
 
 def load_processor(path: str, run):
@@ -102,7 +123,7 @@ def load_processor(path: str, run):
     return AutoTokenizer.from_pretrained(path, **trust)
 
 
-def paired_data(run, teacher, student_processor, teacher_processor) -> tuple:
+def paired_data(run, teacher, student_processor, teacher_processor, hard_labels: bool) -> tuple:
     """(train, validation) encoded for both sides; labels checked against the teacher's classes."""
     from llmkd.data.loading import check_labels, load_raw
     from llmkd.data.paired import encode_pairs
@@ -116,6 +137,12 @@ def paired_data(run, teacher, student_processor, teacher_processor) -> tuple:
             data = data.select(range(min(limit, len(data))))
         if run.label_column and run.label_column in data.column_names:
             data = check_labels(data, run.label_column, teacher.config.num_labels, names, f"{split} data")
+        elif run.label_column and (split != "train" or hard_labels):
+            raise ValueError(
+                f"the {split} data has no label column {run.label_column!r} (columns: {data.column_names}); "
+                "set label_column to the gold labels' column, or label_column: null to "
+                + ("train and evaluate without labels (hard_label_weight: 0; no accuracy is reported)")
+            )
         source = getattr(run, f"{split}_file", None)
         out[split] = encode_pairs(
             data,
@@ -132,30 +159,37 @@ def paired_data(run, teacher, student_processor, teacher_processor) -> tuple:
     return out["train"], out.get("validation")
 
 
-def distill_cross_modal(run, args, train_and_report) -> dict:
-    """One cross-modal distillation stage from parsed configs; returns (and writes) its report."""
-    from llmkd.cli.pipeline import metrics_for
-    from llmkd.data.collate import DistillationCollator
+def distill_cross_modal(run, args, train_and_report, metrics_for) -> dict:
+    """One cross-modal distillation stage from parsed configs; returns (and writes) its report. The two steps it
+    shares with every distillation come from llmkd.cli.pipeline (passed in: no import cycle)."""
     from llmkd.schemes import CrossModalTrainer
     from llmkd.students.from_teacher import describe
     from llmkd.students.loading import resolve_path
 
     run.teacher, run.student = resolve_path(run.teacher), resolve_path(run.student)
-    teacher = load_classifier(run.teacher, run, args.seed)
-    student = load_classifier(run.student, run, args.seed)
+    if run.max_seconds is not None and any(t.knowledge == "aligned" for t in args.terms):
+        raise ValueError(
+            f"max_seconds={run.max_seconds} cuts the audio but not the transcript, so an aligned term would stretch "
+            "the whole transcript over the kept frames; drop max_seconds or the aligned term"
+        )
+    teacher, _ = load_classifier(run.teacher, run, args.seed, "teacher")
+    student, fresh = load_classifier(run.student, run, args.seed, "student")
+    if fresh and _generic_names(student.config):  # the teacher's class names, as in every other distillation
+        student.config.id2label, student.config.label2id = teacher.config.id2label, teacher.config.label2id
     student_processor, teacher_processor = load_processor(run.student, run), load_processor(run.teacher, run)
-    train, validation = paired_data(run, teacher, student_processor, teacher_processor)
-    trainer = CrossModalTrainer(
+    train, validation = paired_data(
+        run, teacher, student_processor, teacher_processor, args.hard_label_weight > 0
+    )
+    trainer = CrossModalTrainer(  # the default collator pads each stream with its own model's pad id
         model=student,
         teacher=teacher,
         args=args,
         train_dataset=train,
         eval_dataset=validation,
-        data_collator=DistillationCollator(student_processor, teacher_tokenizer=teacher_processor),
         processing_class=student_processor,
         teacher_processing_class=teacher_processor,
-        compute_metrics=metrics_for(run, SEQ_CLS, teacher.config),
+        compute_metrics=metrics_for(run, SEQ_CLS, teacher.config) if run.label_column else None,
     )
     report = {"teacher": run.teacher, "trainer": type(trainer).__name__, "task": SEQ_CLS}
-    report |= {"student": describe(student), "teacher_size": describe(teacher)}
+    report |= {"student": describe(student), "teacher_size": describe(teacher), "fresh_student": fresh}
     return train_and_report(trainer, args, report, run)

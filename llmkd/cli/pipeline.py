@@ -220,7 +220,7 @@ def distill_stage(run, args) -> dict:
     if run.trainer == "cross_modal":  # each side reads its own column (llmkd.cli.cross_modal)
         from llmkd.cli.cross_modal import distill_cross_modal
 
-        return distill_cross_modal(run, args, train_and_report)
+        return distill_cross_modal(run, args, train_and_report, metrics_for)
     if run.trainer == "early_exit":  # the classifier teaches its own exits: loaded once, as both
         task, teacher, teacher_tok, student, student_tok = own_models(run, args)
     else:

@@ -220,7 +220,8 @@ def check_model_folder(role: str, name) -> None:
         raise FileNotFoundError(
             f"{role} {name!r} has no tokenizer (none of {', '.join(TOKENIZER_CORE)}, ...) nor {PROCESSOR_FILE}: "
             "transformers would make a tokenizer that reads every word as unknown; save the model's tokenizer "
-            "(or an audio/image model's feature extractor) there with .save_pretrained(FOLDER)"
+            "there with tokenizer.save_pretrained(FOLDER) (an audio or image model: its feature extractor or image "
+            "processor, processor.save_pretrained(FOLDER))"
         )
 
 

@@ -8,7 +8,8 @@ EOS that comparison would mask every real EOS, and the student would never learn
 - :func:`padding_id`: the id written into padded slots (masked everywhere, so any valid id works);
 - :func:`pad_rows`: rows of token lists -> right- (or left-) padded tensors, with attention masks;
 - :func:`pad_signals`: rows of audio samples, audio features or pixels -> right-padded float tensors, with
-  attention masks when the lengths differ (each row's values were computed alone, so padding changes none);
+  attention masks when the lengths differ (each row's values were computed alone; a model that normalises over
+  the padded length, such as wav2vec 2.0 with group norm, still sees the padding);
 - :class:`DistillationCollator`: the collator every llmkd trainer uses by default (classifier rows, plain LM text,
   prompt/completion rows, and the teacher's own token stream under the ``teacher_`` prefix);
 - :class:`RightPadded`: wraps any other collator so its batches are right-aligned and plain-LM labels come from

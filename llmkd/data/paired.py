@@ -11,13 +11,15 @@ processors: text → audio, text → image, or two tokenizers of text classifier
 alone, so nothing in its values depends on the other rows of a batch; `llmkd.data.collate` pads both streams
 and builds each one's attention mask.
 
-Audio cells are arrays at the feature extractor's sampling rate, ``{"array", "sampling_rate"}`` dicts (what
-`datasets.Audio` decodes to; other rates are resampled) or paths of WAV files (relative to `base_dir`), read with
-scipy and resampled with its polyphase filter.
+Audio cells are arrays at the feature extractor's sampling rate, ``{"array", "sampling_rate"}`` or
+``{"path"/"bytes"}`` dicts, decoders with ``get_all_samples()`` (what `datasets.Audio` decodes to), or paths of
+WAV files (relative to `base_dir`), read with scipy, averaged to mono and resampled with its polyphase filter.
+Image cells are PIL images, (H, W, C) arrays or paths (relative to `base_dir`, read as RGB).
 """
 
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
@@ -28,7 +30,7 @@ from transformers.feature_extraction_sequence_utils import SequenceFeatureExtrac
 from transformers.image_processing_base import ImageProcessingMixin
 
 from llmkd.data.collate import SIGNAL_COLUMNS
-from llmkd.data.loading import label_id, missing_columns
+from llmkd.data.loading import label_id
 
 TEACHER = "teacher_"
 TEXT, AUDIO, IMAGE = "text", "audio", "image"
@@ -62,49 +64,108 @@ def unwrap(processor):
 
 
 def read_audio(value, sampling_rate: int, base_dir: str | None = None) -> np.ndarray:
-    """One clip as float32 samples at `sampling_rate` (Hz), from an array, a decoded dict or a WAV path.
+    """One clip as float32 samples at `sampling_rate` (Hz), mono (channels averaged).
 
-    Raises ValueError for a missing file, a non-mono array or a value of another type."""
-    rate = sampling_rate
-    if isinstance(value, dict):
-        value, rate = value.get("array"), int(value.get("sampling_rate", sampling_rate))
-    if isinstance(value, str):
-        path = value if os.path.isabs(value) or base_dir is None else os.path.join(base_dir, value)
-        if not os.path.isfile(path):
-            raise ValueError(f"audio file {path!r} does not exist; paths are relative to {base_dir!r}")
-        rate, value = wavfile.read(path)
-        if np.issubdtype(value.dtype, np.integer):
-            value = value / float(np.iinfo(value.dtype).max + 1)
-    audio = np.asarray(value, dtype=np.float32)
-    if audio.ndim != 1:
-        raise ValueError(f"audio must be mono (one axis of samples), got an array of shape {audio.shape}")
+    `value`: an array at `sampling_rate`; a dict with ``array`` and ``sampling_rate``, or with ``path`` / ``bytes``
+    of a WAV file; a decoder with ``get_all_samples()`` (what `datasets.Audio` columns decode to, torchcodec's
+    AudioDecoder); or a WAV path, relative to `base_dir`. Other rates are resampled (scipy's polyphase filter).
+    Raises ValueError for a missing file, an empty clip or a value of another kind."""
+    rate, audio = _samples(value, sampling_rate, base_dir)
+    audio = np.asarray(audio)
+    if audio.ndim == 2:  # (samples, channels) as WAV files store them, or (channels, samples) from a decoder
+        audio = audio.mean(axis=1 if audio.shape[0] > audio.shape[1] else 0)
+    if audio.ndim != 1 or audio.size == 0:
+        raise ValueError(f"audio must be a non-empty clip of samples, got an array of shape {audio.shape}")
+    audio = audio.astype(np.float32)
     if rate != sampling_rate:
         divisor = int(np.gcd(int(rate), int(sampling_rate)))
         audio = resample_poly(audio, sampling_rate // divisor, rate // divisor).astype(np.float32)
     return audio
 
 
+def _samples(value, sampling_rate: int, base_dir: str | None) -> tuple[int, np.ndarray]:
+    if hasattr(value, "get_all_samples"):  # torchcodec's AudioDecoder: (channels, samples) floats
+        clip = value.get_all_samples()
+        return int(clip.sample_rate), np.asarray(clip.data)
+    if isinstance(value, dict):
+        if value.get("array") is not None:
+            return int(value.get("sampling_rate", sampling_rate)), value["array"]
+        if value.get("bytes") is not None:
+            return _wav(io.BytesIO(value["bytes"]))
+        value = value.get("path")
+    if isinstance(value, (str, os.PathLike)):
+        path = _resolve(value, base_dir)
+        if not os.path.isfile(path):
+            raise ValueError(f"audio file {path!r} does not exist; relative paths start at {base_dir!r}")
+        return _wav(path)
+    if value is None or isinstance(value, (bool, int, float)):
+        raise ValueError(f"audio cell {value!r}: give samples, a WAV path or a decoded audio dict")
+    return sampling_rate, value
+
+
+def _wav(source) -> tuple[int, np.ndarray]:
+    """A WAV file's rate and samples in [-1, 1] (8-bit files are unsigned: their silence is 128)."""
+    rate, samples = wavfile.read(source)
+    if samples.dtype == np.uint8:
+        return rate, (samples.astype(np.float32) - 128) / 128
+    if np.issubdtype(samples.dtype, np.integer):
+        return rate, samples / float(np.iinfo(samples.dtype).max + 1)
+    return rate, samples
+
+
+def _resolve(path, base_dir: str | None) -> str:
+    path = os.fspath(path)
+    return path if os.path.isabs(path) or base_dir is None else os.path.join(base_dir, path)
+
+
+def read_image(value, base_dir: str | None = None):
+    """A PIL image (RGB) from a path relative to `base_dir`; arrays (datasets stores them as nested lists) and
+    images pass through. Raises ValueError for a missing file."""
+    if isinstance(value, (str, os.PathLike)):
+        from PIL import Image
+
+        path = _resolve(value, base_dir)
+        if not os.path.isfile(path):
+            raise ValueError(f"image file {path!r} does not exist; relative paths start at {base_dir!r}")
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    if isinstance(value, dict) and value.get("path"):
+        return read_image(value["path"], base_dir)
+    return np.asarray(value) if isinstance(value, (list, tuple)) else value
+
+
 def encode_side(processor, cells: list, *, max_length: int, max_seconds: float | None, base_dir=None) -> dict:
-    """The model inputs of one side for a batch of cells, each computed alone: {column: list per row}."""
+    """The model inputs of one side for a batch of cells, each computed alone: {column: list per row}.
+
+    Audio features keep the extractor's own frame mask (w2v-BERT's feature extractor pads an odd frame count), so
+    that a padded batch masks exactly what each clip alone masks."""
     kind = modality(processor)
     if kind == TEXT:
         texts = [cells] if not isinstance(cells[0], tuple) else list(zip(*cells))
         return dict(processor(*texts, truncation=True, max_length=max_length))
     out: dict[str, list] = {}
-    for cell in cells:
-        if kind == AUDIO:
-            rate = int(processor.sampling_rate)
-            audio = read_audio(cell, rate, base_dir)
-            if max_seconds is not None:
-                audio = audio[: int(max_seconds * rate)]
-            features = processor(audio, sampling_rate=rate, return_tensors="np")
-        else:  # a PIL image, or an (H, W, C) array (datasets stores arrays as nested lists)
-            pixels = np.asarray(cell) if isinstance(cell, (list, tuple)) else cell
-            features = processor(pixels, return_tensors="np")
+    for index, cell in enumerate(cells):
+        try:
+            features = _features(processor, kind, cell, max_seconds, base_dir)
+        except (ValueError, TypeError, RuntimeError) as err:
+            where = f" ({cell})" if isinstance(cell, (str, os.PathLike)) else ""
+            raise ValueError(f"{kind} cell {index} of its batch{where}: {err}") from err
         for column in SIGNAL_COLUMNS:
             if column in features:
                 out.setdefault(column, []).append(np.asarray(features[column][0], dtype=np.float32))
+        if "input_features" in features and "attention_mask" in features:
+            out.setdefault("attention_mask", []).append(np.asarray(features["attention_mask"][0]).tolist())
     return out
+
+
+def _features(processor, kind: str, cell, max_seconds, base_dir):
+    if kind == IMAGE:
+        return processor(read_image(cell, base_dir), return_tensors="np")
+    rate = int(processor.sampling_rate)
+    audio = read_audio(cell, rate, base_dir)
+    if max_seconds is not None:
+        audio = audio[: int(max_seconds * rate)]
+    return processor(audio, sampling_rate=rate, return_tensors="np")
 
 
 def encode_pairs(
@@ -132,10 +193,13 @@ def encode_pairs(
 
     Raises ValueError for a missing column or bad values, TypeError for a processor of an unknown kind.
     """
-    columns = {"student": student_column, "teacher": teacher_column}
-    needed = [c for value in columns.values() for c in ([value] if isinstance(value, str) else value)]
-    if message := missing_columns(dataset, needed, "the paired data"):
-        raise ValueError(message)
+    for side, value in (("student_column", student_column), ("teacher_column", teacher_column)):
+        missing = [c for c in ([value] if isinstance(value, str) else value) if c not in dataset.column_names]
+        if missing:
+            raise ValueError(
+                f"{side}={value!r}: the paired data has no column {missing[0]!r} (columns: "
+                f"{dataset.column_names}); set {side} to the column that side reads"
+            )
     if max_seconds is not None and not max_seconds > 0:
         raise ValueError(f"max_seconds must be > 0 or null, got {max_seconds!r}")
     labelled = label_column is not None and label_column in dataset.column_names

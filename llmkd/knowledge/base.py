@@ -18,7 +18,7 @@ from torch import nn
 
 from llmkd.knowledge import layer_maps
 from llmkd.losses import LOSSES, Loss
-from llmkd.modeling import num_layers
+from llmkd.modeling import num_layers, position_mask
 
 Tensor = torch.Tensor
 
@@ -178,3 +178,21 @@ class LayerKnowledge(Knowledge):
         if not self.per_layer or len(parts) < 2:
             return {}
         return {f"layer{t}->{s}": TermValues(v.detach(), mask, count) for (s, t), v in zip(self.pairs, parts)}
+
+
+class Sides:
+    """Which positions of each side's hidden states are real, when the two sides may read different inputs: a
+    teacher reading its own columns (``teacher_`` prefix: another tokenizer or modality) has its own attention
+    mask, a speech student's frames come from its front end (llmkd.modeling.position_mask)."""
+
+    def __init__(self, pair: Pair, term: Term):
+        source = pair.source.member(term.teacher)
+        self.student, self.teacher = pair.student, getattr(source, "model", None)
+        self.prefix = getattr(source, "input_prefix", "")
+
+    def masks(self, batch: dict, s_states: Tensor, t_states: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, T_s) and (B, T_t) bool masks of the real positions of (B, T_s, H_s) and (B, T_t, H_t) states."""
+        return (
+            position_mask(self.student, batch.get("attention_mask"), s_states),
+            position_mask(self.teacher, batch.get(self.prefix + "attention_mask"), t_states),
+        )

@@ -84,7 +84,7 @@ class GraphKnowledge(RelationKnowledge):
     def values(self, student_out, teacher_out, batch, adapted) -> TermValues:
         causal_s, causal_t = self.causal
         s_states, t_states = student_out.hidden_states, teacher_out.hidden_states
-        masks = [self.side_masks(batch, s_states[s], t_states[t]) for s, t in self.pairs]
+        masks = [self.sides.masks(batch, s_states[s], t_states[t]) for s, t in self.pairs]
         student = torch.stack([pool(s_states[s], m[0], causal_s) for (s, _), m in zip(self.pairs, masks)])
         teacher = torch.stack([pool(t_states[t], m[1], causal_t) for (_, t), m in zip(self.pairs, masks)])
         vertex = pool(adapted, masks[-1][0], causal_s) if adapted is not None else None

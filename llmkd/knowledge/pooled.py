@@ -10,6 +10,10 @@ the two spaces are unrelated even at equal widths) maps the student's states fir
 W(mean h) = mean(W h). Loss per example: ``mse`` = mean_H (W h̄_S − h̄_T)² or ``cosine`` = 1 − cos(W h̄_S, h̄_T),
 count kind "examples".
 
+``aligned`` (same losses, per student frame, then the mean over the frames) compares the teacher's token states
+stretched linearly over the student's real frames (`align_positions`): a dense target for inputs that unfold in
+the same order, such as speech and its transcript, whose speaking rate is roughly even.
+
 Gupta, Hoffman & Malik 2016, "Cross Modal Distillation for Supervision Transfer", arXiv 1507.00448 (matching a
 paired teacher's mid-level representation); the projector is FitNets' regressor (Romero et al. 2015, arXiv
 1412.6550).
@@ -21,8 +25,8 @@ import torch
 from torch import nn
 
 from llmkd.knowledge.adapters import linear_projector
-from llmkd.knowledge.base import LayerKnowledge, Pair, Term, TermValues
-from llmkd.modeling import hidden_width, position_mask
+from llmkd.knowledge.base import LayerKnowledge, Pair, Sides, Term, TermValues
+from llmkd.modeling import hidden_width
 
 Tensor = torch.Tensor
 
@@ -41,10 +45,9 @@ class PooledKnowledge(LayerKnowledge):
 
     def __init__(self, term: Term, pair: Pair, index: int = 0):
         super().__init__(term, pair, index)
-        source = pair.source.member(term.teacher)
-        self.models = (pair.student, getattr(source, "model", None))
-        self.teacher_prefix = getattr(source, "input_prefix", "")
-        self.widths = (hidden_width(pair.student), int(source.config.get_text_config().hidden_size))
+        self.sides = Sides(pair, term)
+        teacher_config = pair.source.member(term.teacher).config.get_text_config()
+        self.widths = (hidden_width(pair.student), int(teacher_config.hidden_size))
 
     @classmethod
     def probe(cls):
@@ -58,18 +61,17 @@ class PooledKnowledge(LayerKnowledge):
         return {s: adapter(student_out.hidden_states[s]) for s in {s for s, _ in self.pairs}}
 
     def values(self, student_out, teacher_out, batch, adapted) -> TermValues:
-        student, teacher = self.models
         parts = []
         for s, t in self.pairs:
             s_states, t_states = adapted[s], teacher_out.hidden_states[t]
-            s_mask = position_mask(student, batch.get("attention_mask"), s_states)
-            t_mask = position_mask(teacher, batch.get(self.teacher_prefix + "attention_mask"), t_states)
-            parts.append(
-                self.loss(mean_pool(s_states, s_mask), mean_pool(t_states, t_mask), **self.term.params)
-            )
+            parts.append(self.compare(s_states, t_states, *self.sides.masks(batch, s_states, t_states)))
         return TermValues(
             sum(parts) / len(parts), None, "examples", self.layer_values(parts, None, "examples")
         )
+
+    def compare(self, s_states: Tensor, t_states: Tensor, s_mask: Tensor, t_mask: Tensor) -> Tensor:
+        """(B,) loss between the two sides' pooled states of one layer pair."""
+        return self.loss(mean_pool(s_states, s_mask), mean_pool(t_states, t_mask), **self.term.params)
 
 
 def align_positions(teacher: Tensor, t_lengths: Tensor, s_lengths: Tensor, width: int) -> Tensor:
@@ -95,16 +97,7 @@ class AlignedKnowledge(PooledKnowledge):
 
     kind = "aligned"
 
-    def values(self, student_out, teacher_out, batch, adapted) -> TermValues:
-        student, teacher = self.models
-        parts = []
-        for s, t in self.pairs:
-            s_states, t_states = adapted[s], teacher_out.hidden_states[t]
-            s_mask = position_mask(student, batch.get("attention_mask"), s_states)
-            t_mask = position_mask(teacher, batch.get(self.teacher_prefix + "attention_mask"), t_states)
-            target = align_positions(t_states, t_mask.sum(1), s_mask.sum(1), s_states.shape[1])
-            per_frame = self.loss(s_states.float(), target, **self.term.params) * s_mask
-            parts.append(per_frame.sum(1) / s_mask.sum(1).clamp(min=1))
-        return TermValues(
-            sum(parts) / len(parts), None, "examples", self.layer_values(parts, None, "examples")
-        )
+    def compare(self, s_states: Tensor, t_states: Tensor, s_mask: Tensor, t_mask: Tensor) -> Tensor:
+        target = align_positions(t_states, t_mask.sum(1), s_mask.sum(1), s_states.shape[1])
+        per_frame = self.loss(s_states.float(), target, **self.term.params) * s_mask
+        return per_frame.sum(1) / s_mask.sum(1).clamp(min=1)

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from llmkd.knowledge.base import LayerKnowledge, Pair, Term, TermValues
+from llmkd.knowledge.base import LayerKnowledge, Pair, Sides, Term, TermValues
 from llmkd.knowledge.counts import main_tensor
-from llmkd.modeling import CAUSAL_LM, forward_keys, is_causal, position_mask
+from llmkd.modeling import CAUSAL_LM, forward_keys, is_causal
 
 Tensor = torch.Tensor
 
@@ -39,24 +39,14 @@ class RelationKnowledge(LayerKnowledge):
     def __init__(self, term: Term, pair: Pair, index: int = 0):
         super().__init__(term, pair, index)
         # Pooling follows each model's attention, not the task: a decoder classifier's first token saw nothing.
-        source = pair.source.member(term.teacher)
-        teacher = getattr(source, "model", None)
-        self.models, self.teacher_prefix = (pair.student, teacher), getattr(source, "input_prefix", "")
+        teacher = getattr(pair.source.member(term.teacher), "model", None)
+        self.sides = Sides(pair, term)
         # Audio and image encoders have no [CLS] token: their example is the mean of their real positions.
         self.causal = (
             is_causal(pair.student) or "input_ids" not in forward_keys(pair.student),
             (is_causal(teacher) or "input_ids" not in forward_keys(teacher))
             if teacher is not None
             else pair.task == CAUSAL_LM,
-        )
-
-    def side_masks(self, batch: dict, s_states: Tensor, t_states: Tensor) -> tuple[Tensor, Tensor]:
-        """Each side's (B, T) real positions: a teacher reading its own inputs has its own mask, a speech
-        student's frames come from its front end (llmkd.modeling.position_mask)."""
-        student, teacher = self.models
-        return (
-            position_mask(student, batch.get("attention_mask"), s_states),
-            position_mask(teacher, batch.get(self.teacher_prefix + "attention_mask"), t_states),
         )
 
     @classmethod
@@ -68,7 +58,7 @@ class RelationKnowledge(LayerKnowledge):
         causal_s, causal_t = self.causal
         pooled = []
         for s, t in self.pairs:
-            s_mask, t_mask = self.side_masks(batch, s_states[s], t_states[t])
+            s_mask, t_mask = self.sides.masks(batch, s_states[s], t_states[t])
             pooled.append((pool(s_states[s], s_mask, causal_s), pool(t_states[t], t_mask, causal_t)))
         n = main_tensor(batch).shape[0]
         parts = [self.loss(s, t, **self.term.params).expand(n) for s, t in pooled]

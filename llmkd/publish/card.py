@@ -23,7 +23,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 import llmkd
 from llmkd.atomic import atomic_write
 from llmkd.content import checkpoint_key, hub_snapshot
-from llmkd.modeling import CAUSAL_LM, task_of
+from llmkd.modeling import CAUSAL_LM, modality, task_of
 from llmkd.publish import measure
 from llmkd.publish.card_text import TEMPLATE, evaluation_section, number, recipe_section, training_section
 
@@ -32,6 +32,11 @@ CARD = "README.md"
 SECRET = re.compile(r"(^|_)(token|secret|password|api_key|apikey|credentials?)$", re.IGNORECASE)
 HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")  # a repo id: [namespace/]name
 PIPELINES = {CAUSAL_LM: "text-generation", "sequence_classification": "text-classification"}
+# Classifiers of other inputs: their pipeline, Auto class and processor class.
+MODALITIES = {
+    "audio": ("audio-classification", "AutoModelForAudioClassification", "AutoFeatureExtractor"),
+    "image": ("image-classification", "AutoModelForImageClassification", "AutoImageProcessor"),
+}
 _RECIPE: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("llmkd_recipe", default=None)
 _MEASURE: contextvars.ContextVar[bool] = contextvars.ContextVar("llmkd_card_measure", default=True)
 
@@ -100,6 +105,7 @@ def gather(trainer, report: dict, run, measure_models: bool) -> dict:
         "sources": teachers or [base_name(trainer, run)],
         "revision": getattr(run, "teacher_revision", None) or getattr(run, "revision", None),
         "task": _task(student),
+        "modality": modality(student),
         "trainer": report.get("trainer") or type(trainer).__name__,
         "scheme": getattr(run, "trainer", None),
         "terms": [t.to_dict() for t in getattr(trainer.args, "terms", [])],
@@ -244,7 +250,7 @@ def card_data(facts: dict) -> ModelCardData:
     return ModelCardData(
         base_model=(sources[0] if len(sources) == 1 else sources) or None,
         library_name="transformers",
-        pipeline_tag=PIPELINES.get(facts["task"]),
+        pipeline_tag=pipeline(facts),
         tags=tags(facts),
         datasets=facts["data"].get("hub"),
         model_name=facts["name"],
@@ -258,7 +264,7 @@ def eval_results(facts: dict) -> list[EvalResult]:
     dataset = (data.get("hub") or [None])[0]
     names = data.get("names") or ["evaluation set"]
     common = {
-        "task_type": PIPELINES.get(facts["task"], "text-classification"),
+        "task_type": pipeline(facts) or "text-classification",
         "dataset_type": dataset or "json",
     }
     out = []
@@ -327,10 +333,21 @@ def summary(facts: dict) -> str:
     return f"A student distilled by {link} from {sources} {how}{extra}."
 
 
+def pipeline(facts: dict) -> str | None:
+    """The Hub pipeline tag of the student: its modality's for audio and image classifiers."""
+    if facts.get("modality") in MODALITIES:
+        return MODALITIES[facts["modality"]][0]
+    return PIPELINES.get(facts["task"])
+
+
 def usage(facts: dict) -> str:
     auto = "AutoModelForCausalLM" if facts["task"] == CAUSAL_LM else "AutoModelForSequenceClassification"
+    processor, variable = "AutoTokenizer", "tokenizer"
+    if facts.get("modality") in MODALITIES:
+        _, auto, processor = MODALITIES[facts["modality"]]
+        variable = "processor"
     return (
-        f"```python\nfrom transformers import {auto}, AutoTokenizer\n\n"
+        f"```python\nfrom transformers import {auto}, {processor}\n\n"
         f'model = {auto}.from_pretrained("{facts["name"]}")  # this folder, or its Hub id once pushed\n'
-        f'tokenizer = AutoTokenizer.from_pretrained("{facts["name"]}")\n```'
+        f'{variable} = {processor}.from_pretrained("{facts["name"]}")\n```'
     )

@@ -77,6 +77,7 @@ class KDTrainer(SafeCheckpoints, Trainer):  # SafeCheckpoints: complete checkpoi
         self.would_fuse = setup.decide_fused(self)
         setup.check_engine_settings(self.args, self.terms)
         setup.check_best_metric(self.args, self.terms)
+        setup.check_relation_batches(self)
         check_settings(self.args, setup.facts(self) | self.scheme_facts())
         self.source.place(self)
         self.own_optimizers = self._own_optimizers()

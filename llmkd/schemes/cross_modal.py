@@ -14,6 +14,7 @@ are its supervision. The same scheme pairs two text classifiers with different t
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from llmkd.modeling import SEQ_CLS, main_input, task_of
@@ -21,6 +22,7 @@ from llmkd.schemes.base import KDTrainer
 from llmkd.schemes.config import DistillationConfig, _field
 from llmkd.teachers import LiveTeacher
 
+logger = logging.getLogger(__name__)
 # Knowledge that compares one value per example, so it holds whatever each side's positions are.
 CROSS_MODAL_KNOWLEDGE = ("logits", "pooled", "aligned", "relation", "graph")
 
@@ -61,7 +63,7 @@ class CrossModalTrainer(KDTrainer):
     config_class = CrossModalConfig
 
     def make_source(self, teacher):
-        if isinstance(teacher, LiveTeacher) and teacher.input_prefix == "teacher_":
+        if isinstance(teacher, LiveTeacher):  # it will read the teacher_ columns, whatever it was built for
             teacher = teacher.model
         if teacher is None or not hasattr(teacher, "forward"):
             raise ValueError(
@@ -81,4 +83,11 @@ class CrossModalTrainer(KDTrainer):
         self._student = model
         if model is not None:
             main_input(model)  # a model without a known input column is refused here
+            if getattr(model.config, "feat_extract_norm", None) == "group":
+                logger.warning(
+                    "%s normalises its first convolution over the whole padded clip (feat_extract_norm='group'): "
+                    "a clip's values depend on the batch it is padded in; build the student with "
+                    "feat_extract_norm='layer' (and do_stable_layer_norm=True) for batch-independent values",
+                    type(model).__name__,
+                )
         super().__init__(model, teacher, args, teacher_processing_class=teacher_processing_class, **kwargs)

@@ -295,3 +295,27 @@ def check_engine_settings(args, terms) -> None:
             "cross-entropy never runs, because llmkd computes the loss itself; fused_logits is llmkd's own "
             "memory-lean logit path"
         )
+
+
+def check_relation_batches(trainer) -> None:
+    """Relation and graph terms compare the examples of one batch (N >= 2): a batch of one example, every batch at
+    batch size 1 or a last batch of one, would fail mid-run; refused here, naming the fix."""
+    from llmkd.knowledge.relation import RelationKnowledge
+
+    names = [t.name for t in trainer.terms if isinstance(t, RelationKnowledge)]
+    if not names:
+        return
+    args, world = trainer.args, max(trainer.args.world_size, 1)
+    evals = trainer.eval_dataset if isinstance(trainer.eval_dataset, dict) else {"eval": trainer.eval_dataset}
+    splits = [("train", trainer.train_dataset, args.per_device_train_batch_size)]
+    splits += [(name, data, args.per_device_eval_batch_size) for name, data in evals.items()]
+    for split, data, size in splits:
+        if data is None or not hasattr(data, "__len__") or args.dataloader_drop_last:
+            continue
+        rows = -(-len(data) // world)  # per process (the distributed sampler pads to equal shares)
+        if size == 1 or rows % size == 1:
+            raise ValueError(
+                f"{names} compare the examples of a batch (N >= 2), but the {split} data's {len(data)} rows in "
+                f"batches of {size} per process ({world} process(es)) leave a batch of one example; set "
+                "dataloader_drop_last: true or another batch size"
+            )
