@@ -47,6 +47,17 @@ TERMS = [
     {"knowledge": "aligned", "loss": "mse", "weight": 0.5},
 ]
 
+# No randomness in the forward (dropout, layer drop, time masking): runs compare exactly.
+QUIET = dict(
+    mask_time_prob=0.0,
+    layerdrop=0.0,
+    hidden_dropout=0.0,
+    attention_dropout=0.0,
+    activation_dropout=0.0,
+    feat_proj_dropout=0.0,
+    final_dropout=0.0,
+)
+
 
 def w2v_bert_student(seed: int = 1):
     config = Wav2Vec2BertConfig(
@@ -57,14 +68,8 @@ def w2v_bert_student(seed: int = 1):
         intermediate_size=32,
         conv_depthwise_kernel_size=5,
         classifier_proj_size=8,
-        mask_time_prob=0.0,
-        layerdrop=0.0,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        activation_dropout=0.0,
-        feat_proj_dropout=0.0,
-        final_dropout=0.0,
         conformer_conv_dropout=0.0,
+        **QUIET,
         position_embeddings_type="relative_key",
         left_max_position_embeddings=16,
         right_max_position_embeddings=4,
@@ -88,13 +93,7 @@ def wav2vec2_student(seed: int = 1):
         feat_extract_norm="layer",  # group norm over time would count the padding
         do_stable_layer_norm=True,
         classifier_proj_size=8,
-        mask_time_prob=0.0,
-        layerdrop=0.0,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        activation_dropout=0.0,
-        feat_proj_dropout=0.0,
-        final_dropout=0.0,
+        **QUIET,
         num_labels=2,
         **LABELS,
     )
@@ -172,11 +171,9 @@ def paired(kind: str, n: int = 8, seed: int = 3):
     return student, processor, model, tokenizer, data
 
 
-def train_and_dump(out_dir: str, per_device_batch: int, accumulation: int, kind: str = "w2v_bert"):
-    student, processor, model, tokenizer, data = paired(kind)
-    args = CrossModalConfig(
-        **two_step_settings(out_dir, per_device_batch, accumulation), terms=TERMS, hard_label_weight=0.5
-    )
+def build_trainer(kind: str, args: CrossModalConfig, n: int = 8):
+    """A CrossModalTrainer of the BERT teacher and a `kind` student on `n` paired rows; (trainer, data)."""
+    student, processor, model, tokenizer, data = paired(kind, n=n)
     trainer = CrossModalTrainer(
         model=student,
         teacher=model,
@@ -185,7 +182,16 @@ def train_and_dump(out_dir: str, per_device_batch: int, accumulation: int, kind:
         processing_class=processor,
         teacher_processing_class=tokenizer,
     )
+    return trainer, data
+
+
+def train_and_dump(out_dir: str, per_device_batch: int, accumulation: int, kind: str = "w2v_bert"):
+    args = CrossModalConfig(
+        **two_step_settings(out_dir, per_device_batch, accumulation), terms=TERMS, hard_label_weight=0.5
+    )
+    trainer, _ = build_trainer(kind, args)
     trainer.train()
+    student = trainer.student
     state = {k: v.detach().clone() for k, v in student.state_dict().items() if not k.startswith("llmkd_aux")}
     dump_run(
         trainer,

@@ -23,6 +23,7 @@ from conftest import run_launcher
 from cross_modal_worker import (
     STUDENTS,
     TERMS,
+    build_trainer,
     paired,
     raw_pairs,
     teacher,
@@ -45,7 +46,6 @@ KINDS = sorted(STUDENTS)
 
 
 def trainer_for(kind: str, tmp_path, n: int = 6, **settings):
-    student, processor, model, tokenizer, data = paired(kind, n=n)
     args = CrossModalConfig(
         output_dir=str(tmp_path / "out"),
         report_to="none",
@@ -55,15 +55,7 @@ def trainer_for(kind: str, tmp_path, n: int = 6, **settings):
         hard_label_weight=settings.pop("hard_label_weight", 0.5),
         **settings,
     )
-    trainer = CrossModalTrainer(
-        model=student,
-        teacher=model,
-        args=args,
-        train_dataset=data,
-        processing_class=processor,
-        teacher_processing_class=tokenizer,
-    )
-    return trainer, data
+    return build_trainer(kind, args, n)
 
 
 def per_example(trainer, rows: list[dict]) -> dict[str, torch.Tensor]:
