@@ -70,9 +70,8 @@ def classifier_class(config):
         for suffix, auto in CLASSIFIER_SUFFIXES.items():
             if name.endswith(suffix):
                 return getattr(transformers, auto)
-    for (
-        auto
-    ) in CLASSIFIER_SUFFIXES.values():  # no architectures saved: the first Auto class that knows the type
+    # No architectures saved (a bare config): the first Auto class that knows the config's type.
+    for auto in CLASSIFIER_SUFFIXES.values():
         cls = getattr(transformers, auto)
         if type(config) in cls._model_mapping:
             return cls
@@ -140,8 +139,8 @@ def paired_data(run, teacher, student_processor, teacher_processor, hard_labels:
         elif run.label_column and (split != "train" or hard_labels):
             raise ValueError(
                 f"the {split} data has no label column {run.label_column!r} (columns: {data.column_names}); "
-                "set label_column to the gold labels' column, or label_column: null to "
-                + ("train and evaluate without labels (hard_label_weight: 0; no accuracy is reported)")
+                "set label_column to the gold labels' column, or label_column: null to train and evaluate "
+                "without labels (hard_label_weight: 0; no accuracy is reported)"
             )
         source = getattr(run, f"{split}_file", None)
         out[split] = encode_pairs(
