@@ -68,7 +68,12 @@ def speed(ctx: dict, name: str, batch_size: int = 16, batches: int = 4) -> dict:
 
     folder = next(p for p in sorted(ctx["out"].glob(f"{name}-seed*")) if (p / "config.json").is_file())
     model = AutoModelForAudioClassification.from_pretrained(folder).eval()
-    collate = DistillationCollator(ctx["extractor"], teacher_tokenizer=ctx["tokenizer"])
+    collate = DistillationCollator(  # each stream padded with its own model's pad id, as in training
+        ctx["extractor"],
+        teacher_tokenizer=ctx["tokenizer"],
+        config=model.config,
+        teacher_config=ctx["teacher"].config,
+    )
     rows = [ctx["validation"][i] for i in range(min(len(ctx["validation"]), batch_size * batches))]
     groups = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
     ready = [collate(g) for g in groups]
